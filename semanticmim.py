@@ -1,0 +1,399 @@
+"""SemanticMIM (Yuan, Dou, Guo, Li, arXiv 2406.10673) in one file of plain PyTorch.
+
+Visible image patches ([IMG]) are compressed into P learnable [PROXY] tokens by the main
+transformer stack; the masked patches ([MASK]) are reconstructed by a second stack that reads
+the proxies and never the image tokens. The only loss is the usual masked-image-modeling loss
+on the [MASK] outputs: the architecture is the method.
+
+Sections follow the paper (see ../shared/PAPER.md, the spec of this file):
+  1. Config and presets                      (PAPER.md §6)
+  2. Patches and masking                      (§2, §4)
+  3. Attention and the pre-norm block         (§3)
+  4. The model: main stack + mask stack       (§2, §3) and the one-stream baseline
+  5. Targets: HOG and normalised pixels       (§5)
+  6. Checkpoints: config saved, mismatch refused (§8)
+
+Shapes: B images, N patches, P proxies, Nv visible patches, Nm masked patches, D width,
+H heads, T target dims (108 for HOG with 2x2 cells per patch, p*p*3 for pixels).
+"""
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Config and presets
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """Every architecture setting; saved in each checkpoint and used to rebuild the model."""
+    img_size: int = 32
+    patch_size: int = 4
+    dim: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    num_proxies: int = 8        # P; the authors' HOG variant uses 8
+    mask_ratio: float = 0.8     # ceil(N * mask_ratio) patches are masked in every image
+    target: str = "hog"         # "hog" (the paper's MaskFeat variant) or "pixel" (MAE style)
+    baseline: bool = False      # True: the paper's one-stream MIM comparison, no mask stack
+    independent_mask: bool = False  # draw the [MASK]/target set independently of the visible set
+
+    def __post_init__(self):
+        p = self.patch_size
+        if self.img_size % p:
+            raise ValueError(f"image size {self.img_size} is not divisible by patch size {p}: "
+                             f"choose an image size that is a multiple of {p}")
+        if self.target not in ("hog", "pixel"):
+            raise ValueError(f"unknown target {self.target!r}: choose 'hog' or 'pixel'")
+        if self.target == "hog" and p % 2:
+            raise ValueError(f"the HOG target uses 2x2 cells per patch, so the patch size must be "
+                             f"even (got {p}): choose an even patch size or --target pixel")
+        if self.dim % self.heads:
+            raise ValueError(f"width {self.dim} is not divisible by {self.heads} heads")
+        if not self.baseline and self.num_proxies < 1:
+            raise ValueError("SemanticMIM needs at least one proxy (the [MASK] stream reads "
+                             "only the proxies): set num_proxies >= 1")
+        n = self.num_patches
+        if not 0 < self.mask_ratio < 1 or math.ceil(n * self.mask_ratio) >= n:
+            raise ValueError(f"mask ratio {self.mask_ratio} leaves no visible patch out of {n}: "
+                             f"choose a ratio in (0, 1) that keeps at least one")
+
+    @property
+    def num_patches(self):
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_masked(self):
+        return math.ceil(self.num_patches * self.mask_ratio)
+
+    @property
+    def target_dim(self):
+        return 3 * 9 * 2 * 2 if self.target == "hog" else self.patch_size ** 2 * 3
+
+
+PRESETS = {
+    # Small enough for a laptop CPU: 64 patches of 4x4 px, a 6-block ViT-Tiny-width stack.
+    "cifar": Config(img_size=32, patch_size=4, dim=192, depth=6, heads=3),
+    # The authors' ViT-B/16 at 224 px (PAPER.md §6).
+    "vit_b16": Config(img_size=224, patch_size=16, dim=768, depth=12, heads=12),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Patches and masking
+# --------------------------------------------------------------------------------------------
+def patchify(imgs, p):
+    """(B, 3, H, W) -> (B, N, p*p*3), patches in row-major order, pixels (row, col, channel)."""
+    B, C, H, W = imgs.shape
+    h, w = H // p, W // p
+    x = imgs.reshape(B, C, h, p, w, p)                      # (B, C, h, p, w, p)
+    x = x.permute(0, 2, 4, 3, 5, 1)                         # (B, h, w, p, p, C)
+    return x.reshape(B, h * w, p * p * C)                   # (B, N, p*p*C)
+
+
+def unpatchify(x, p, channels=3):
+    """(B, N, p*p*3) -> (B, 3, H, W); the inverse of patchify for a square image."""
+    B, N, _ = x.shape
+    h = w = math.isqrt(N)
+    x = x.reshape(B, h, w, p, p, channels)                  # (B, h, w, p, p, C)
+    x = x.permute(0, 5, 1, 3, 2, 4)                         # (B, C, h, p, w, p)
+    return x.reshape(B, channels, h * p, w * p)             # (B, C, H, W)
+
+
+def random_masking(batch, num_patches, num_masked, generator, device,
+                   independent=False, rows=slice(None)):
+    """Uniform random masks with exactly num_masked masked patches per image.
+
+    Returns index tensors ids_keep (B, N - Nm) and ids_mask (B, Nm), each sorted, so that a batch
+    has fixed shapes. With independent=True the [MASK]/target set is drawn independently of the
+    visible set (they may overlap). `rows` picks this rank's images out of the noise drawn for the
+    whole global batch, so every rank draws the same numbers and a run does not depend on how the
+    global batch is split over processes.
+    """
+    noise = torch.rand(batch, num_patches, generator=generator, device=device)[rows]  # (B, N)
+    order = noise.argsort(dim=1)                            # (B, N), a random permutation per image
+    ids_keep = order[:, num_masked:]                        # (B, Nv)
+    if independent:
+        noise2 = torch.rand(batch, num_patches, generator=generator, device=device)[rows]
+        ids_mask = noise2.argsort(dim=1)[:, :num_masked]   # (B, Nm)
+    else:
+        ids_mask = order[:, :num_masked]                    # (B, Nm)
+    return ids_keep.sort(dim=1).values, ids_mask.sort(dim=1).values
+
+
+def gather_tokens(x, ids):
+    """x (B, N, C), ids (B, K) -> (B, K, C): the tokens at ids, per image."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Attention whose queries and keys/values are separate inputs, and the pre-norm block
+# --------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)   # one weight; its q rows apply to the queries only
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, q_in, kv_in, return_weights=False):
+        """q_in (B, Lq, D) attends over kv_in (B, Lk, D). Returns (B, Lq, D) [and (B, H, Lq, Lk)]."""
+        B, Lq, D = q_in.shape
+        Lk, H = kv_in.shape[1], self.heads
+        if q_in is kv_in:                                   # self-attention: one fused matmul
+            qkv = self.qkv(q_in)                            # (B, L, 3D)
+            q, kv = qkv[..., :D], qkv[..., D:]              # (B, L, D), (B, L, 2D)
+        else:
+            q = F.linear(q_in, self.qkv.weight[:D], self.qkv.bias[:D])       # (B, Lq, D)
+            kv = F.linear(kv_in, self.qkv.weight[D:], self.qkv.bias[D:])     # (B, Lk, 2D)
+        q = q.reshape(B, Lq, H, D // H).transpose(1, 2)     # (B, H, Lq, Dh)
+        k, v = kv.reshape(B, Lk, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Lk, Dh)
+        if return_weights:                                  # explicit softmax, for pictures
+            weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # (B, H, Lq, Lk)
+            out = weights @ v                               # (B, H, Lq, Dh)
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v)   # (B, H, Lq, Dh)
+        out = out.transpose(1, 2).reshape(B, Lq, D)         # (B, Lq, D)
+        return self.proj(out), weights
+
+
+class Block(nn.Module):
+    """Pre-norm block: x = x + Attn(LN1(x), LN1([ctx; x])); x = x + MLP(LN2(x)).
+
+    ctx=None is ordinary self-attention. As in the authors' code, the block's LN1 normalises
+    both the query and the key/value inputs.
+    """
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x, ctx=None, return_weights=False):
+        if ctx is None:
+            h = kv = self.norm1(x)                          # (B, L, D)
+        else:
+            kv = self.norm1(torch.cat([ctx, x], dim=1))     # (B, Lc + L, D): LN is per token
+            h = kv[:, ctx.shape[1]:]                        # (B, L, D)
+        a, weights = self.attn(h, kv, return_weights)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return (x, weights) if return_weights else x
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The model
+# --------------------------------------------------------------------------------------------
+class SemanticMIM(nn.Module):
+    """Main stack over [PROXY; IMG] and mask stack over [MASK] reading [PROXY] (PAPER.md §3).
+
+    With cfg.baseline the mask stack is not built and [PROXY; IMG; MASK] go through the main
+    stack with full self-attention: the paper's plain one-stream MIM comparison.
+    """
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, P, N = cfg.dim, cfg.num_proxies, cfg.num_patches
+        self.patch_embed = nn.Linear(cfg.patch_size ** 2 * 3, D)   # a linear map of patchify
+        self.pos_embed = nn.Parameter(torch.zeros(1, P + N, D))   # P proxy entries, then N patches
+        self.proxy = nn.Parameter(torch.zeros(1, P, D))            # the P [PROXY] tokens
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))       # the one shared [MASK] token
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        if not cfg.baseline:  # separate weights, same depth
+            self.mask_blocks = nn.ModuleList(
+                Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=1e-6)                      # final LayerNorm
+        self.head = nn.Linear(D, cfg.target_dim)                   # linear head for the target
+        self.init_weights()
+
+    def init_weights(self):
+        """As the authors': trunc-normal std 0.02 for tokens, positions and Linear weights."""
+        for t in (self.pos_embed, self.proxy, self.mask_token):
+            nn.init.trunc_normal_(t, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def embed(self, imgs):
+        """Images -> [PROXY] tokens (B, P, D) and all N [IMG] tokens (B, N, D), with positions."""
+        B, _, H, W = imgs.shape
+        if H != self.cfg.img_size or W != self.cfg.img_size:
+            raise ValueError(f"images are {H}x{W} but the model expects "
+                             f"{self.cfg.img_size}x{self.cfg.img_size}: resize them first")
+        P = self.cfg.num_proxies
+        img = self.patch_embed(patchify(imgs, self.cfg.patch_size))   # (B, N, D)
+        img = img + self.pos_embed[:, P:]                              # (B, N, D)
+        proxy = (self.proxy + self.pos_embed[:, :P]).expand(B, -1, -1)  # (B, P, D)
+        return proxy, img
+
+    def mask_tokens(self, ids_mask):
+        """[MASK] token at each masked patch, with that patch's position: (B, Nm, D)."""
+        P, B = self.cfg.num_proxies, ids_mask.shape[0]
+        pos = self.pos_embed[:, P:].expand(B, -1, -1)           # (B, N, D)
+        return self.mask_token + gather_tokens(pos, ids_mask)    # (B, Nm, D)
+
+    def predict(self, imgs, ids_keep, ids_mask, return_attn=False):
+        """Predicted targets at the masked patches, (B, Nm, T).
+
+        With return_attn also a dict of per-depth attention weights: 'main' (B, H, P+Nv, P+Nv)
+        and, for SemanticMIM, 'mask' (B, H, Nm, P+Nm) with the proxies first among the keys.
+        """
+        P = self.cfg.num_proxies
+        proxy, img = self.embed(imgs)                           # (B, P, D), (B, N, D)
+        x = torch.cat([proxy, gather_tokens(img, ids_keep)], 1)  # (B, P+Nv, D) = [PROXY; IMG]
+        m = self.mask_tokens(ids_mask)                          # (B, Nm, D) = [MASK]
+        attn = {"main": [], "mask": []}
+        if self.cfg.baseline:                                   # one stream [PROXY; IMG; MASK]
+            x = torch.cat([x, m], 1)                            # (B, P+Nv+Nm, D)
+            for blk in self.blocks:
+                x, w = blk(x, return_weights=True) if return_attn else (blk(x), None)
+                attn["main"].append(w)
+            m = x[:, -m.shape[1]:]                              # (B, Nm, D)
+        else:
+            for blk, mblk in zip(self.blocks, self.mask_blocks):
+                # compression: [PROXY; IMG] attend to [PROXY; IMG]
+                x, w = blk(x, return_weights=True) if return_attn else (blk(x), None)
+                # reconstruction: [MASK] attends to [PROXY (output of this depth); MASK]
+                ctx = x[:, :P]                                  # (B, P, D)
+                m, wm = (mblk(m, ctx, return_weights=True) if return_attn
+                         else (mblk(m, ctx), None))
+                attn["main"].append(w)
+                attn["mask"].append(wm)
+        pred = self.head(self.norm(m))                          # (B, Nm, T)
+        return (pred, attn) if return_attn else pred
+
+    def forward(self, imgs, ids_keep, ids_mask):
+        """The training objective: MSE between prediction and target on masked patches only."""
+        pred = self.predict(imgs, ids_keep, ids_mask)           # (B, Nm, T)
+        target = gather_tokens(self.target(imgs), ids_mask)     # (B, Nm, T)
+        return F.mse_loss(pred.float(), target)
+
+    @torch.no_grad()
+    def target(self, imgs):
+        """Per-patch regression target of all N patches, (B, N, T), in fp32, without gradient."""
+        with torch.autocast(imgs.device.type, enabled=False):
+            imgs = imgs.float()
+            if self.cfg.target == "hog":
+                return hog_target(imgs, self.cfg.patch_size)
+            return pixel_target(imgs, self.cfg.patch_size)
+
+    def features(self, imgs, layer=None, return_attn=False):
+        """Downstream path: the main stack alone on [PROXY; all N IMG], no masking.
+
+        Returns the proxy outputs (B, P, D) and patch outputs (B, N, D) of block `layer`
+        (1-based; None = the last), taken from the residual stream (before any final norm).
+        With return_attn also the list of main-stack attention weights (B, H, P+N, P+N) up to it.
+        """
+        layer = self.cfg.depth if layer is None else layer
+        if not 1 <= layer <= self.cfg.depth:
+            raise ValueError(f"layer {layer} does not exist: choose 1..{self.cfg.depth}")
+        P = self.cfg.num_proxies
+        proxy, img = self.embed(imgs)
+        x = torch.cat([proxy, img], 1)                          # (B, P+N, D)
+        attn = []
+        for blk in self.blocks[:layer]:
+            if return_attn:
+                x, w = blk(x, return_weights=True)
+                attn.append(w)
+            else:
+                x = blk(x)
+        out = (x[:, :P], x[:, P:])                              # (B, P, D), (B, N, D)
+        return (*out, attn) if return_attn else out
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Targets
+# --------------------------------------------------------------------------------------------
+def gaussian_window(size, dtype=torch.float32, device=None):
+    """(size, size) Gaussian window, std = size / 2, centred, normalised to sum 1 (authors')."""
+    n = torch.arange(size, dtype=dtype, device=device)
+    n = (n - n.mean()) / (size // 2)
+    w = torch.exp(-0.5 * n ** 2)
+    w2 = w[:, None] * w[None, :]                            # (size, size)
+    return w2 / w2.sum()
+
+
+def hog_target(imgs, patch_size, nbins=9):
+    """HOG of the (normalised) images as in the authors' MaskFeat code, (B, N, 3*9*2*2).
+
+    Generalised from their 224 px / patch 16 to any image size divisible by an even patch size:
+    cells are patch/2 pixels, so each patch has 2x2 cells. Feature order (channel, bin, cell_row,
+    cell_col).
+    """
+    B, C, H, W = imgs.shape
+    p, cell = patch_size, patch_size // 2
+    wx = torch.tensor([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=imgs.dtype, device=imgs.device)
+    x = F.pad(imgs, (1, 1, 1, 1), mode="reflect")           # (B, C, H+2, W+2)
+    gx = F.conv2d(x, wx.expand(C, 1, 3, 3), groups=C)       # (B, C, H, W), depthwise Sobel
+    gy = F.conv2d(x, wx.t().expand(C, 1, 3, 3), groups=C)   # (B, C, H, W)
+    mag = torch.sqrt(gx ** 2 + gy ** 2)
+    phase = torch.atan2(gx, gy)                             # this argument order, as the authors
+    bins = torch.floor(phase / math.pi * nbins).long() % nbins  # 9 unsigned 20-degree bins
+    window = gaussian_window(p, imgs.dtype, imgs.device).repeat(H // p, W // p)  # (H, W)
+    mag = mag * window                                      # each pixel weighted within its patch
+    hist = torch.zeros(B, C, nbins, H, W, dtype=imgs.dtype, device=imgs.device)
+    hist.scatter_add_(2, bins.unsqueeze(2), mag.unsqueeze(2))  # (B, C, 9, H, W), hard assignment
+    hist = hist.reshape(B, C, nbins, H // cell, cell, W // cell, cell).sum((4, 6))  # (B,C,9,Hc,Wc)
+    hist = F.normalize(hist, p=2, dim=2)                    # L2 over the 9 bins of each cell
+    h, w = H // p, W // p
+    hist = hist.reshape(B, C, nbins, h, 2, w, 2)            # (B, C, 9, h, 2, w, 2)
+    hist = hist.permute(0, 3, 5, 1, 2, 4, 6)                # (B, h, w, C, 9, 2, 2)
+    return hist.reshape(B, h * w, C * nbins * 4)            # (B, N, 108)
+
+
+def pixel_target(imgs, patch_size):
+    """Each patch's pixels normalised by that patch's own mean and variance, (B, N, p*p*3).
+
+    Variance is the unbiased one, as MAE's code (torch.var's default)."""
+    x = patchify(imgs, patch_size)                          # (B, N, p*p*3)
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True)
+    return (x - mean) / (var + 1e-6) ** 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Checkpoints: the config travels with the weights, and a mismatch is refused
+# --------------------------------------------------------------------------------------------
+def config_from_dict(d):
+    known = {f.name for f in fields(Config)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"checkpoint config has unknown settings {sorted(unknown)}: "
+                         f"it was written by another version of semanticmim.py")
+    return Config(**d)
+
+
+def load_weights(model, state, ckpt_config):
+    """Load a state dict saved with config dict ckpt_config, refusing any architecture change."""
+    ours, theirs = asdict(model.cfg), dict(ckpt_config)
+    diff = [f"{k}={theirs.get(k)!r} in the checkpoint but {v!r} in the model"
+            for k, v in ours.items() if theirs.get(k) != v]
+    if diff:
+        raise ValueError("checkpoint architecture differs: " + "; ".join(diff) +
+                         " (rebuild the model from the checkpoint's config)")
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Rebuild the model from a checkpoint written by train.py. Returns (model, checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py "
+                                f"wrote in its --out folder")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint written by train.py (no config/model)")
+    model = SemanticMIM(config_from_dict(ckpt["config"]))
+    load_weights(model, ckpt["model"], ckpt["config"])
+    return model, ckpt
