@@ -426,6 +426,26 @@ def test_image_folder_training_with_workers(tmp_path):
     assert weights_of(os.path.join(out, "checkpoint.pt"))["pos_embed"].shape == (1, 72, 32)
 
 
+@pytest.mark.parametrize("baseline", [False, True])
+def test_analytic_flop_count_equals_torch_flop_counter(baseline, monkeypatch):
+    """--bench's FLOPs per image equal what torch's FlopCounterMode counts in a training step
+    (attention written out as matmuls, since the counter does not see the CPU SDPA kernel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def math_sdpa(q, k, v):
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+    monkeypatch.setattr(sm.F, "scaled_dot_product_attention", math_sdpa)
+    cfg = tiny(baseline=baseline)
+    model = sm.SemanticMIM(cfg)
+    keep, mask = masks(cfg, 2)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 3, 32, 32), keep, mask).backward()
+    counts = counter.get_flop_counts()["Global"]
+    matmuls = sum(v for k, v in counts.items() if "convolution" not in str(k))  # not the HOG
+    assert matmuls == 2 * train.flops_per_image(cfg)
+
+
 # ---------------------------------------------------------------------------- runs
 def test_exact_resume_is_bitwise(tmp_path):
     """Stopped mid-epoch at step 5 and resumed == uninterrupted (2 epochs of 8 steps)."""

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -259,11 +260,49 @@ def train_step(net, model, opt, scaler, imgs, ids_keep, ids_mask, amp_dtype, cli
     return loss.detach()
 
 
+def flops_per_image(cfg):
+    """Matmul FLOPs of one training image (backward = 2 x forward, but none for the pixels),
+    counted from the architecture: patch embedding, attention projections, QK^T and AV, MLP,
+    head. Norms, softmax, GELU, the HOG and the optimizer are left out (not matmuls)."""
+    D, P, N, Nm = cfg.dim, cfg.num_proxies, cfg.num_patches, cfg.num_masked
+    Nv, mlp = N - Nm, 2 * cfg.mlp_ratio * D * D              # MLP weights: D*rD + rD*D
+
+    def block(lq, lk):                                       # lq queries over lk keys/values
+        return 2 * (lq * D * D + lk * 2 * D * D + lq * D * D + lq * mlp) + 4 * lq * lk * D
+
+    embed = 2 * N * cfg.patch_size ** 2 * 3 * D
+    fwd = embed + 2 * Nm * D * cfg.target_dim
+    if cfg.baseline:
+        fwd += cfg.depth * block(P + Nv + Nm, P + Nv + Nm)
+    else:
+        fwd += cfg.depth * (block(P + Nv, P + Nv) + block(Nm, P + Nm))
+    return 3 * fwd - embed                                   # no gradient for the input pixels
+
+
+def matmul_peak(device, dtype, n=2048, repeats=5):
+    """The machine's FLOP/s on a large square matmul of this dtype (median of `repeats`)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
 def bench(args, cfg, device, repeats=5, steps=5):
-    """Images/s of the training step (masking, targets, forward, backward, AdamW; no data
-    loading) for SemanticMIM and its baseline: median of `repeats` timings of `steps` steps."""
+    """Times the training step (masking, targets, forward, backward, AdamW; no data loading) of
+    SemanticMIM and its baseline: images/s (median of `repeats` timings of `steps` steps), model
+    FLOP/s and its fraction of the matmul peak measured now in the same dtype, peak memory."""
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    peak = matmul_peak(device, amp_dtype or torch.float32)
+    print(f"matmul peak ({args.amp}, {device}, {torch.get_num_threads()} threads): "
+          f"{peak / 1e9:.1f} GFLOP/s", flush=True)
     results = {}
     for baseline in (False, True):
         c = replace(cfg, baseline=baseline)
@@ -281,6 +320,8 @@ def bench(args, cfg, device, repeats=5, steps=5):
                                            device, c.independent_mask)
             return train_step(net, model, opt, scaler, imgs, keep, mask, amp_dtype, args.clip)
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         for _ in range(3):                                  # warm-up (and compilation)
             step()
         times = []
@@ -291,11 +332,19 @@ def bench(args, cfg, device, repeats=5, steps=5):
                 step()
             sync()
             times.append(time.perf_counter() - t)
+        ips = statistics.median(steps * args.batch_size / t for t in times)
+        flops = flops_per_image(c) * ips
+        mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
         name = "baseline" if baseline else "SemanticMIM"
-        results[name] = statistics.median(steps * args.batch_size / t for t in times)
-        print(f"{name:12s} {results[name]:8.1f} img/s  (median of {repeats} x {steps} steps, "
-              f"batch {args.batch_size}, amp {args.amp}, compile {args.compile}, {device}, "
-              f"{torch.get_num_threads()} threads)", flush=True)
+        results[name] = {"img_per_s": ips, "gflop_per_img": flops_per_image(c) / 1e9,
+                         "tflop_per_s": flops / 1e12, "peak_fraction": flops / peak,
+                         "memory_gib": mem}
+        print(f"{name:12s} {ips:8.1f} img/s  {flops_per_image(c) / 1e9:.3f} GFLOP/img  "
+              f"{flops / 1e9:.1f} GFLOP/s = {100 * flops / peak:.0f}% of peak  "
+              f"{'peak allocated' if device.type == 'cuda' else 'peak RSS (process)'} "
+              f"{mem:.2f} GiB  (median of {repeats} x {steps} steps, batch {args.batch_size}, "
+              f"compile {args.compile})", flush=True)
     print("command: python " + " ".join(sys.argv))
     return results
 
