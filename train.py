@@ -238,6 +238,13 @@ def param_groups(model, weight_decay):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model, lr, weight_decay):
+    """AdamW with betas (0.9, 0.999), fused: on CPU the default per-parameter loop took a
+    third of a training step of the cifar preset (torch profiler)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999),
+                             fused=True)
+
+
 def lr_at(step, total, warmup, peak, final=1e-6):
     """Linear warm-up over `warmup` steps, then cosine from peak to `final` at `total`."""
     if step < warmup:
@@ -309,7 +316,7 @@ def bench(args, cfg, device, repeats=5, steps=5):
         torch.manual_seed(args.seed)
         model = sm.SemanticMIM(c).to(device)
         net = torch.compile(model) if args.compile else model
-        opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4)
+        opt = make_optimizer(model, 1e-4, args.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         gen = torch.Generator(device=device)
         gen.manual_seed(args.seed)
@@ -515,8 +522,7 @@ def main(argv=None):
     total = args.epochs * steps_per_epoch
     warmup = round(args.warmup_epochs * steps_per_epoch)
     peak_lr = args.blr * args.batch_size / 256
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak_lr,
-                            betas=(0.9, 0.999))
+    opt = make_optimizer(model, peak_lr, args.weight_decay)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step = 0
