@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -463,6 +464,32 @@ def test_exact_resume_is_bitwise(tmp_path):
         train.main(args + ["--out", str(tmp_path / "full")])
     with pytest.raises(SystemExit, match="--epochs 3 .*saved 2"):
         train.main(["--resume", "--epochs", "3", "--out", str(tmp_path / "full")])
+
+
+def test_sigterm_saves_at_the_next_progress_line_and_resume_is_still_exact(tmp_path,
+                                                                          monkeypatch):
+    """A pre-empted job (SIGTERM during step 3) saves at step 4 (--log-every 2) and exits;
+    --resume then ends with the weights of the uninterrupted run."""
+    args = RUN + ["--epochs", "2"]
+    before = signal.getsignal(signal.SIGTERM)
+    train.main(args + ["--out", str(tmp_path / "full")])
+    forward, calls = sm.SemanticMIM.forward, []
+
+    def preempted(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *a)
+
+    monkeypatch.setattr(sm.SemanticMIM, "forward", preempted)
+    train.main(args + ["--out", str(tmp_path / "split")])
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(sm.SemanticMIM, "forward", forward)
+    train.main(["--resume", "--out", str(tmp_path / "split")])
+    a = weights_of(tmp_path / "full" / "checkpoint.pt")
+    b = weights_of(tmp_path / "split" / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert signal.getsignal(signal.SIGTERM) is before            # handlers are restored
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -48,6 +49,8 @@ OFFLINE_HINT = ("offline choices: --dataset fashion_mnist --data DIR with the De
 # --------------------------------------------------------------------------------------------
 def setup_distributed(device_arg="auto"):
     """Returns (rank, world_size, device). NCCL on GPUs, Gloo on CPU; plain python needs nothing."""
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no GPU: use --device cpu")
     use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -359,7 +362,7 @@ def bench(args, cfg, device, repeats=5, steps=5):
 # --------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------
-ARCH_FLAGS = {f.name: f.type for f in fields(sm.Config)}
+ARCH_FLAGS = tuple(f.name for f in fields(sm.Config))  # each has a flag, None = the preset's
 RUNTIME_FLAGS = {"out", "resume", "data", "device", "workers", "compile", "log_every",
                  "ckpt_every", "stop_at", "bench"}  # may change on --resume; all others define the run
 
@@ -568,52 +571,70 @@ def main(argv=None):
     rows = slice(rank, None, world)
     loss_sum, loss_n, t0, step0 = torch.zeros((), device=device), 0, time.time(), step
     last_good = step if ckpt is not None else None
+    signals = []  # SIGTERM (a scheduler's pre-emption) or SIGINT (Ctrl-C): save, then exit
+
+    def on_signal(num, frame):
+        if signals:                                         # the second one aborts at once
+            raise KeyboardInterrupt
+        signals.append(num)
+        print(f"signal {num}: saving a checkpoint at the next progress line (again to abort)",
+              flush=True)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     model.train()
-    while step < total:
-        epoch = step // steps_per_epoch
-        for imgs in batches(epoch, step % steps_per_epoch):
-            lr = lr_at(step, total, warmup, peak_lr, args.min_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            ids_keep, ids_mask = sm.random_masking(args.batch_size, cfg.num_patches,
-                                                   cfg.num_masked, gen, device,
-                                                   cfg.independent_mask, rows)
-            loss = train_step(net, model, opt, scaler, imgs, ids_keep, ids_mask, amp_dtype,
-                              args.clip)
-            step += 1
-            loss_sum += loss
-            loss_n += 1
-            stop = step == total or step == args.stop_at
-            save = stop or step % args.ckpt_every == 0
-            if save or step % args.log_every == 0:
-                mean_loss = all_mean(loss_sum / loss_n, world).item()
-                if not math.isfinite(mean_loss):
-                    kept = (f"the last good checkpoint {ckpt_path} (step {last_good}) is intact"
-                            if last_good is not None else "no checkpoint was written")
-                    raise SystemExit(f"error: loss is {mean_loss} between steps {step - loss_n + 1}"
-                                     f" and {step}; stopped, {kept}. Try a lower --blr, "
-                                     f"--amp none, or check the data")
-                dt = time.time() - t0
-                ips = (step - step0) * args.batch_size / dt
-                eta = (total - step) * dt / (step - step0)
+    try:
+        while step < total:
+            epoch = step // steps_per_epoch
+            for imgs in batches(epoch, step % steps_per_epoch):
+                lr = lr_at(step, total, warmup, peak_lr, args.min_lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                ids_keep, ids_mask = sm.random_masking(args.batch_size, cfg.num_patches,
+                                                       cfg.num_masked, gen, device,
+                                                       cfg.independent_mask, rows)
+                loss = train_step(net, model, opt, scaler, imgs, ids_keep, ids_mask, amp_dtype,
+                                  args.clip)
+                step += 1
+                loss_sum += loss
+                loss_n += 1
+                stop = step == total or step == args.stop_at
+                save = stop or step % args.ckpt_every == 0
+                if save or step % args.log_every == 0:
+                    flag = torch.tensor(float(bool(signals)), device=device)
+                    mean_loss, signalled = all_mean(torch.stack([loss_sum / loss_n, flag]),
+                                                    world).tolist()
+                    if not math.isfinite(mean_loss):
+                        kept = (f"the last good checkpoint {ckpt_path} (step {last_good}) is "
+                                f"intact" if last_good is not None else "no checkpoint was written")
+                        raise SystemExit(f"error: loss is {mean_loss} between steps "
+                                         f"{step - loss_n + 1} and {step}; stopped, {kept}. Try a "
+                                         f"lower --blr, --amp none, or check the data")
+                    if signalled:
+                        stop = save = True
+                    dt = time.time() - t0
+                    ips = (step - step0) * args.batch_size / dt
+                    eta = (total - step) * dt / (step - step0)
+                    if rank == 0:
+                        rec = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                               "img_per_s": ips, "time": time.time()}
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        print(f"epoch {epoch} step {step}/{total} loss {mean_loss:.4f} "
+                              f"lr {lr:.3g} {ips:.1f} img/s eta {eta / 60:.1f} min", flush=True)
+                    loss_sum.zero_()
+                    loss_n, t0, step0 = 0, time.time(), step
+                if save:
+                    checkpoint()
+                    last_good = step
+                if stop:
+                    break
+            if stop and step < total:
                 if rank == 0:
-                    rec = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                           "img_per_s": ips, "time": time.time()}
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    print(f"epoch {epoch} step {step}/{total} loss {mean_loss:.4f} lr {lr:.3g} "
-                          f"{ips:.1f} img/s eta {eta / 60:.1f} min", flush=True)
-                loss_sum.zero_()
-                loss_n, t0, step0 = 0, time.time(), step
-            if save:
-                checkpoint()
-                last_good = step
-            if stop:
+                    print(f"stopped at step {step}; continue with --resume --out {args.out}")
                 break
-        if step == args.stop_at and step < total:
-            if rank == 0:
-                print(f"stopped at step {step} as asked; continue with --resume --out {args.out}")
-            break
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     if world > 1:
         dist.destroy_process_group()
     return model
