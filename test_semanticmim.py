@@ -1,8 +1,8 @@
 """Each test proves one claim of semanticmim.py / train.py and fails when the claim is false.
 
 Run: python -m pytest -q test_semanticmim.py   (no network; a few minutes on 2 CPU cores)
+Sections: semanticmim.py and train.py, then probe.py, then visualize.py.
 """
-import gzip
 import json
 import math
 import os
@@ -11,18 +11,31 @@ import struct
 import subprocess
 import sys
 import urllib.error
+from dataclasses import asdict
 
 import pytest
 import torch
 
+import probe
 import semanticmim as sm
 import train
+import visualize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(img_size=32, patch_size=4, dim=32, depth=3, heads=2, num_proxies=4)
 # a tiny synthetic run of train.py: 128 images, global batch 16 -> 8 steps per epoch
 RUN = ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "16", "--dim", "32",
        "--depth", "2", "--heads", "2", "--num-proxies", "4", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two, and far faster on a busy 2-core machine
+    (8 steps of train.main: 0.2 s with 1 thread, 1.5 to 16 s with 2, measured while loaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny(**kw):
@@ -335,7 +348,6 @@ def test_checkpoint_round_trip_and_architecture_mismatch(tmp_path):
     cfg = tiny()
     model = sm.SemanticMIM(cfg)
     path = str(tmp_path / "checkpoint.pt")
-    from dataclasses import asdict
     train.save_checkpoint(path, model=model.state_dict(), config=asdict(cfg))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]             # no temporary file left
     loaded, _ = sm.load_checkpoint(path)
@@ -532,7 +544,8 @@ def test_train_py_end_to_end_in_a_subprocess(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *RUN, "--baseline",
                         "--target", "pixel", "--out", str(out)],
-                       capture_output=True, text=True, cwd=HERE)
+                       capture_output=True, text=True, cwd=HERE,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert "step 8/8" in r.stdout and "img/s" in r.stdout
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]
@@ -541,3 +554,440 @@ def test_train_py_end_to_end_in_a_subprocess(tmp_path):
     assert all(math.isfinite(rec["loss"]) and rec["img_per_s"] > 0 for rec in log)
     model, ckpt = sm.load_checkpoint(str(out / "checkpoint.pt"))
     assert model.cfg.baseline and model.cfg.target == "pixel" and ckpt["step"] == 8
+
+
+# ============================================================================ probe.py
+# a tiny synthetic run of train.py (128 train / 32 test images, 10 classes); a high lr so that
+# the trained weights are far from their initialisation (the "random weights" row)
+TRAIN = ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "16", "--dim", "32",
+         "--depth", "2", "--heads", "2", "--num-proxies", "4", "--amp", "none", "--blr", "0.05"]
+
+
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train.main(TRAIN + ["--out", str(out)])
+    return str(out / "checkpoint.pt")
+
+
+def synthetic_inputs(split_train=True):
+    """The synthetic split as probe.py reads it: normalised images (n, 3, 32, 32), labels."""
+    x, y = train.load_memory_dataset("synthetic", "data", split_train, 32, 128)
+    return train.to_model_input(x, 32, *train.MEAN_STD["synthetic"]), y
+
+
+# ---------------------------------------------------------------------------- classifiers
+def test_linear_probe_learns_separable_features_and_not_random_labels():
+    """Quadrants of two random hyperplanes (a margin kept): linearly separable, not clustered."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 16, generator=g)                  # (n, 16)
+    f = x @ torch.nn.functional.normalize(torch.randn(16, 2, generator=g), dim=0)  # (n, 2)
+    x, f = x[(f.abs() > 0.5).all(1)], f[(f.abs() > 0.5).all(1)]
+    y = (f[:, 0] > 0).long() * 2 + (f[:, 1] > 0).long()     # 4 classes
+    tr, te = slice(0, len(x) * 2 // 3), slice(len(x) * 2 // 3, None)
+
+    def acc(labels):
+        return probe.linear_probe(lambda e: x[tr], labels[tr], x[te], labels[te], 4, epochs=100,
+                                  batch_size=256)
+
+    assert acc(y) >= 0.98
+    shuffled = y[torch.randperm(len(y), generator=g)]
+    assert acc(shuffled) < 0.45                             # chance is 0.25
+
+
+def unit(*degrees):
+    a = torch.tensor(degrees, dtype=torch.float64).deg2rad()
+    return torch.stack([a.cos(), a.sin()], 1).float()      # (n, 2), cos(angle) = similarity
+
+
+def test_knn_is_dinos_weighted_vote():
+    test = unit(0)
+    # one class-1 neighbour at similarity 0.9, two class-0 at 0.5, a far class 2: k = 3
+    train_f, train_y = unit(25.84, 60, -60, 180), torch.tensor([1, 0, 0, 2])
+    # weighting decides: e^(0.9/0.07) > 2 e^(0.5/0.07), though counting says class 0
+    assert probe.knn_predict(train_f, train_y, test, 3, k=3).item() == 1
+    # ... and the temperature: at T = 1, e^0.9 < 2 e^0.5
+    assert probe.knn_predict(train_f, train_y, test, 3, k=3, temperature=1.0).item() == 0
+    # the norm of the features does not matter (cosine similarity)
+    assert probe.knn_predict(train_f * torch.tensor([[5.0], [0.1], [3.0], [1.0]]), train_y,
+                             test * 7, 3, k=3).item() == 1
+    # only the k nearest vote: class 1 at 0.9 vs four class-0 at 0.85 (e^(0.05/0.07) < 4)
+    train_f, train_y = unit(25.84, 31.79, -31.79, 31.8, -31.8), torch.tensor([1, 0, 0, 0, 0])
+    assert probe.knn_predict(train_f, train_y, test, 2, k=1).item() == 1
+    assert probe.knn_predict(train_f, train_y, test, 2, k=5).item() == 0
+    # k larger than the training set: all vote
+    assert probe.knn_predict(train_f, train_y, test, 2, k=20).item() == 0
+
+
+def test_batched_knn_equals_dinos_loop_per_image():
+    g = torch.Generator().manual_seed(0)
+    train_f, test_f = torch.randn(300, 8, generator=g), torch.randn(70, 8, generator=g)
+    train_y = torch.randint(5, (300,), generator=g)
+    expected = []
+    for q in torch.nn.functional.normalize(test_f, dim=1):  # DINO's one-hot formulation
+        sim = torch.nn.functional.normalize(train_f, dim=1) @ q
+        top, idx = sim.topk(20)
+        one_hot = torch.nn.functional.one_hot(train_y[idx], 5).float()  # (k, C)
+        expected.append((one_hot * (top / 0.07).exp()[:, None]).sum(0).argmax().item())
+    for chunk in (1, 16, 256):
+        pred = probe.knn_predict(train_f, train_y, test_f, 5, chunk=chunk)
+        assert pred.tolist() == expected
+
+
+# ---------------------------------------------------------------------------- features
+def test_pooling_dims_and_layer_select_the_block():
+    torch.manual_seed(0)
+    model = sm.SemanticMIM(sm.Config(dim=32, depth=3, heads=2, num_proxies=4)).eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        for layer in (1, 2, 3):
+            proxy, patch = model.features(x, layer)          # (B, P, D), (B, N, D)
+            ln = torch.nn.functional.layer_norm
+            want = {"patch": ln(patch.mean(1), (32,), eps=1e-6),
+                    "proxy": ln(proxy.mean(1), (32,), eps=1e-6)}
+            want["both"] = torch.cat([want["patch"], want["proxy"]], 1)
+            for pool, w in want.items():
+                f = probe.pool_features(model, x, layer, pool)
+                assert f.shape == (5, 64 if pool == "both" else 32)
+                assert torch.allclose(f, w, atol=1e-6)
+        last = probe.pool_features(model, x, None, "patch")
+        assert torch.equal(last, probe.pool_features(model, x, 3, "patch"))
+        assert not torch.allclose(last, probe.pool_features(model, x, 2, "patch"), atol=1e-3)
+    f = probe.pool_features(model, x, 3, "patch")            # parameter-free LayerNorm
+    assert torch.allclose(f.mean(1), torch.zeros(5), atol=1e-5)
+    assert torch.allclose(f.var(1, unbiased=False), torch.ones(5), atol=1e-2)
+    assert probe.pixel_features(x).shape == (5, 3 * 32 * 32)
+
+
+# ---------------------------------------------------------------------------- runs
+def test_probe_end_to_end_writes_the_table_and_is_deterministic(ckpt):
+    out = os.path.join(os.path.dirname(ckpt), "a.json")
+    args = [ckpt, "--pool", "both", "--layer", "1", "--epochs", "30", "--out", out]
+    report, feats = probe.main(args)
+    assert json.load(open(out)) == report
+    assert [r["row"] for r in report["rows"]] == ["checkpoint", "random weights", "raw pixels"]
+    assert [r["dims"] for r in report["rows"]] == [64, 64, 3 * 32 * 32]
+    assert report["command"] == "python probe.py " + " ".join(args)
+    assert report["seed"] == 0 and report["wall_time_s"] > 0 and report["layer"] == 1
+    assert (report["train_images"], report["test_images"], report["num_classes"]) == (128, 32, 10)
+    pixels = report["rows"][2]
+    assert pixels["linear_top1"] >= 0.95 and pixels["knn_top1"] >= 0.95  # separable classes
+    # the rows are what they claim: the checkpoint's block-1 features of the data in order,
+    # the same network at its initialisation (train.py's seed), the normalised pixels
+    model, _ = sm.load_checkpoint(ckpt)
+    torch.manual_seed(0)
+    init = sm.SemanticMIM(model.cfg).eval()
+    for split, i in ((True, 0), (False, 1)):
+        x, _ = synthetic_inputs(split)
+        with torch.no_grad():
+            assert torch.allclose(feats["checkpoint"][i],
+                                  probe.pool_features(model.eval(), x, 1, "both"), atol=1e-5)
+            assert torch.allclose(feats["random"][i], probe.pool_features(init, x, 1, "both"),
+                                  atol=1e-5)
+        assert torch.allclose(feats["pixels"][i], probe.pixel_features(x), atol=1e-5)
+    assert not torch.allclose(feats["checkpoint"][0], feats["random"][0], atol=1e-2)
+    again, _ = probe.main(args)
+    assert again["rows"] == report["rows"]
+
+
+def test_probe_py_in_a_subprocess_writes_json_next_to_the_checkpoint(ckpt):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "probe.py"), ckpt, "--epochs", "10"],
+                       capture_output=True, text=True, cwd=HERE,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "linear top-1" in r.stdout and "kNN top-1" in r.stdout and "raw pixels" in r.stdout
+    report = json.load(open(os.path.join(os.path.dirname(ckpt), "probe_patch_L2.json")))
+    assert [row["dims"] for row in report["rows"]] == [32, 32, 3072]
+    assert all(0 <= row["linear_top1"] <= 1 and 0 <= row["knn_top1"] <= 1
+               for row in report["rows"])
+
+
+def test_two_gloo_processes_give_the_features_and_accuracies_of_one(ckpt, tmp_path):
+    """Sharded extraction gathered in data-set order, and augmentation drawn per image, not per
+    process: a 2-process torchrun equals one process, --augmented included."""
+    args = [ckpt, "--augmented", "--epochs", "3", "--batch-size", "24", "--pool", "proxy"]
+    one, feats_one = probe.main(args + ["--out", str(tmp_path / "one.json")])
+    script = tmp_path / "run_probe.py"
+    script.write_text(f"import sys, torch\nsys.path.insert(0, {HERE!r})\nimport probe\n"
+                      f"report, feats = probe.main(sys.argv[1:])\n"
+                      f"if report is not None:\n"
+                      f"    torch.save(feats, {str(tmp_path / 'f.pt')!r})\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script), *args,
+                        "--out", str(tmp_path / "two.json")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=HERE,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.load(open(tmp_path / "two.json"))
+    assert two["processes"] == 2 and two["command"].startswith("torchrun --nproc_per_node=2")
+    assert two["rows"] == one["rows"]
+    feats_two = torch.load(tmp_path / "f.pt")
+    for name, (tr, te) in feats_one.items():
+        assert torch.allclose(tr, feats_two[name][0], atol=1e-5)
+        assert torch.allclose(te, feats_two[name][1], atol=1e-5)
+
+
+def test_image_folder_probe_reads_train_and_val(ckpt, tmp_path):
+    from PIL import Image
+    for split, n in (("train", 6), ("val", 3)):
+        for c in range(2):
+            d = tmp_path / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40 + i, 36), (200 * c + i, 90, 40)).save(d / f"{i}.png")
+    args = [ckpt, "--dataset", "imagefolder", "--data", str(tmp_path), "--workers", "0",
+            "--epochs", "5", "--augmented", "--probe-batch-size", "4"]
+    report, feats = probe.main(args)
+    assert (report["train_images"], report["test_images"], report["num_classes"]) == (12, 6, 2)
+    assert report["rows"][2]["linear_top1"] == 1.0 and report["rows"][2]["knn_top1"] == 1.0
+    name = "probe_patch_L2_imagefolder_aug.json"              # default name: data set differs
+    assert os.path.isfile(os.path.join(os.path.dirname(ckpt), name))
+
+
+def test_probe_bad_inputs_give_clear_errors(ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        probe.main([str(tmp_path / "none.pt")])
+    with pytest.raises(SystemExit, match=r"--layer 3 does not exist: .* blocks 1\.\.2"):
+        probe.main([ckpt, "--layer", "3"])
+    with pytest.raises(SystemExit, match=r"--layer 0 does not exist"):
+        probe.main([ckpt, "--layer", "0"])
+    with pytest.raises(SystemExit, match="imagefolder needs --data"):
+        probe.main([ckpt, "--dataset", "imagefolder"])
+    (tmp_path / "imgs" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="needs a held-out split"):
+        probe.main([ckpt, "--dataset", "imagefolder", "--data", str(tmp_path / "imgs")])
+    cfg = sm.Config(dim=32, depth=1, heads=2, num_proxies=0, baseline=True)
+    path = str(tmp_path / "noproxy.pt")
+    torch.save({"config": asdict(cfg), "model": sm.SemanticMIM(cfg).state_dict(),
+                "args": {"dataset": "synthetic"}}, path)
+    with pytest.raises(SystemExit, match="has none .*use --pool patch"):
+        probe.main([path, "--pool", "proxy"])
+
+
+# ============================================================================ visualize.py
+# a tiny synthetic run of train.py: 128 images, global batch 16 -> 8 steps per epoch
+VIS_RUN = ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "16", "--dim", "32",
+       "--depth", "2", "--heads", "2", "--num-proxies", "4", "--log-every", "2",
+       "--amp", "none"]  # bf16 autocast is slow on CPU and changes nothing drawn here
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny checkpoints: SemanticMIM with the HOG target, the baseline with pixels."""
+    root = tmp_path_factory.mktemp("runs")
+    train.main(VIS_RUN + ["--out", str(root / "sm")])
+    train.main(VIS_RUN + ["--baseline", "--target", "pixel", "--out", str(root / "base")])
+    return root
+
+
+def assert_pngs(folder, names):
+    """Each file is a PNG that PIL decodes, with more colours than blank panels and text have
+    (an empty 2x3 grid of titled axes has 256; our figures have 700 to 15000)."""
+    from PIL import Image
+    for name in names:
+        path = os.path.join(folder, name)
+        assert os.path.isfile(path), f"{name} not written"
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG, f"{name} is not a PNG"
+        with Image.open(path) as im:
+            colours = im.convert("RGB").getcolors(maxcolors=1 << 24)
+            assert min(im.size) >= 150 and len(colours) > 400, (name, im.size, len(colours))
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = sm.Config(**{**dict(img_size=32, patch_size=4, dim=32, depth=3, heads=2,
+                              num_proxies=4), **kw})
+    return sm.SemanticMIM(cfg).eval()
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_all_figures_and_compare_in_process(runs, tmp_path):
+    out = tmp_path / "fig"
+    written = visualize.main([str(runs / "sm" / "checkpoint.pt"), "--compare",
+                              str(runs / "base" / "checkpoint.pt"), "--out", str(out),
+                              "--queries", "3,4", "0", "--indices", "0", "5"])
+    names = ["attn_query_r3c4_layer2.png", "attn_query_r0c0_layer2.png",
+             "attn_reduce_mean_layer2.png", "proxy_maps_layer2.png", "mask_to_proxy_layer2.png",
+             "recon.png", "curve.png", "compare_attn_layer2.png"]
+    assert sorted(os.path.basename(p) for p in written) == sorted(names)
+    assert sorted(os.listdir(out)) == sorted(names)
+    assert_pngs(out, names)
+
+
+def test_baseline_pixel_figures_in_a_subprocess_with_default_out(runs):
+    """Defaults: out = <checkpoint folder>/figures, last layer, centre and corner queries; the
+    baseline has no mask stream, which is said, not failed on."""
+    ckpt = runs / "base" / "checkpoint.pt"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "visualize.py"), str(ckpt),
+                        "--layers", "1", "-1", "--what", "query", "recon", "mask_proxy"],
+                       capture_output=True, text=True, cwd=HERE,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "no mask stream" in r.stdout
+    names = ["attn_query_r4c4_layer1.png", "attn_query_r0c0_layer1.png",
+             "attn_query_r4c4_layer2.png", "attn_query_r0c0_layer2.png", "recon.png"]
+    assert sorted(os.listdir(runs / "base" / "figures")) == sorted(names)
+    assert all(n in r.stdout for n in names)
+    assert_pngs(runs / "base" / "figures", names)
+
+
+def test_image_files_as_input(runs, tmp_path):
+    from PIL import Image
+    files = []
+    for i, size in enumerate([(50, 40), (20, 20)]):
+        files.append(str(tmp_path / f"img{i}.png"))
+        Image.new("RGB", size, (30 + 100 * i, 120, 200)).save(files[-1])
+    raw = visualize.load_image_files(files, 32)
+    assert raw.shape == (2, 3, 32, 32) and raw.min() >= 0 and raw.max() <= 1
+    assert torch.allclose(raw[1, :, 5, 5], torch.tensor([130, 120, 200]) / 255, atol=1e-2)
+    out = tmp_path / "fig"
+    written = visualize.main([str(runs / "sm" / "checkpoint.pt"), "--images", *files,
+                              "--what", "proxy", "--out", str(out)])
+    assert [os.path.basename(p) for p in written] == ["proxy_maps_layer2.png"]
+    assert_pngs(out, ["proxy_maps_layer2.png"])
+
+
+def test_image_folder_checkpoint_reads_its_val_split(tmp_path):
+    """A checkpoint trained on --data DIR shows DIR/val images (resized, centre-cropped)."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in range(2):
+            d = tmp_path / "data" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(4):
+                blue = 200 if split == "train" else 100
+                Image.new("RGB", (40 + i, 36), (40 * c + i, 90, blue)).save(d / f"{i}.png")
+    run = tmp_path / "run"
+    train.main(["--data", str(tmp_path / "data"), "--preset", "cifar", "--dim", "32", "--depth",
+                "1", "--heads", "2", "--batch-size", "8", "--workers", "0", "--amp", "none",
+                "--out", str(run)])
+    raw = visualize.load_dataset_images(
+        torch.load(run / "checkpoint.pt", weights_only=True)["args"], [0, 7], 32)
+    assert raw.shape == (2, 3, 32, 32)
+    assert torch.allclose(raw[1, :, 16, 16], torch.tensor([43, 90, 100]) / 255, atol=1e-2)
+    written = visualize.main([str(run / "checkpoint.pt"), "--indices", "7", "--what", "recon"])
+    assert [os.path.basename(p) for p in written] == ["recon.png"]
+    assert_pngs(run / "figures", ["recon.png"])
+
+
+def test_bad_inputs_give_one_line_errors(runs, tmp_path):
+    sm_ckpt = str(runs / "sm" / "checkpoint.pt")
+    out = ["--out", str(tmp_path / "fig")]
+    cases = [([str(tmp_path / "none.pt")], "no checkpoint at"),
+             ([sm_ckpt, "--images", str(tmp_path / "none.png")], "no image file"),
+             ([sm_ckpt, "--queries", "8,0"], "query 8,0 is out of range: the patch grid is 8x8"),
+             ([sm_ckpt, "--queries", "64"], "query 64 is out of range"),
+             ([sm_ckpt, "--queries", "1,2,3"], "neither 'row,col' nor a patch index"),
+             ([sm_ckpt, "--queries", "a,b"], "neither"),
+             ([sm_ckpt, "--layers", "3"], "layer 3 does not exist: the checkpoint has 2 blocks"),
+             ([sm_ckpt, "--layers", "-3"], "layer -3 does not exist"),
+             ([sm_ckpt, "--indices", "999"], "image index 999 is out of range"),
+             ([sm_ckpt, "--what", "compare"], "needs --compare"),
+             ([sm_ckpt, "--log", str(tmp_path / "none.jsonl")], "no training log at")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            visualize.main(argv + out)
+    cfg = sm.Config(img_size=24, patch_size=4, dim=32, depth=2, heads=2, num_proxies=4)
+    other = str(tmp_path / "other.pt")
+    torch.save({"config": asdict(cfg), "model": sm.SemanticMIM(cfg).state_dict()}, other)
+    with pytest.raises(SystemExit, match="cannot compare .*32 px .*4 px patches and 24 px"):
+        visualize.main([sm_ckpt, "--compare", other] + out)
+    assert not os.path.exists(tmp_path / "fig") or not os.listdir(tmp_path / "fig")
+
+
+# ---------------------------------------------------------------------------- attention maps
+def test_attention_weights_are_the_blocks_own_softmax():
+    """Recomputed by hand from the block's LN1 and qkv weights: rows sum to 1, and equal."""
+    model = tiny_model()
+    imgs = torch.randn(2, 3, 32, 32)
+    P, H, D = 4, 2, 32
+    for layer in (1, 3):
+        attn = visualize.main_attention(model, imgs, layer)            # (B, H, P+N, P+N)
+        assert attn.shape == (2, H, P + 64, P + 64)
+        assert torch.allclose(attn.sum(-1), torch.ones(2, H, P + 64), atol=1e-5)
+        proxy, img = model.embed(imgs)
+        x = torch.cat([proxy, img], 1)
+        with torch.no_grad():
+            for blk in model.blocks[:layer - 1]:
+                x = blk(x)
+            blk = model.blocks[layer - 1]
+            h = blk.norm1(x)
+            W, b = blk.attn.qkv.weight, blk.attn.qkv.bias
+            q = (h @ W[:D].T + b[:D]).reshape(2, -1, H, D // H).transpose(1, 2)
+            k = (h @ W[D:2 * D].T + b[D:2 * D]).reshape(2, -1, H, D // H).transpose(1, 2)
+            expected = torch.softmax(q @ k.transpose(-2, -1) * (D // H) ** -0.5, dim=-1)
+        assert torch.allclose(attn, expected, atol=1e-6)
+
+
+def test_query_proxy_and_reduce_mean_maps_index_the_right_rows():
+    P, H, N = 3, 2, 16
+    attn = torch.rand(2, H, P + N, P + N).softmax(-1)
+    queries = [5, 0, 15]
+    maps = visualize.patch_query_maps(attn, queries, P)
+    assert maps.shape == (2, 3, N)
+    for j, q in enumerate(queries):
+        assert torch.allclose(maps[:, j], attn.mean(1)[:, P + q, P:])
+    prox = visualize.proxy_maps(attn, P)
+    assert torch.allclose(prox[:, 1], (attn[:, 0, 1, P:] + attn[:, 1, 1, P:]) / 2)
+    red = visualize.reduce_mean_maps(maps, prox)
+    proxies_mean = attn[:, :, :P, P:].mean((1, 2))                       # over heads and proxies
+    assert torch.allclose(red, maps - proxies_mean[:, None])
+    # the mask stream: [MASK] queries' weights on the P proxies, the first P keys
+    mask_attn = torch.rand(2, H, 7, P + 7).softmax(-1)
+    w = visualize.mask_to_proxy_weights(mask_attn, P)
+    assert w.shape == (2, 7, P) and torch.allclose(w[1, 4, 2], mask_attn[1, :, 4, 2].mean())
+
+
+def test_upsample_puts_each_patch_value_on_its_pixels():
+    maps = torch.arange(2 * 16, dtype=torch.float).reshape(2, 16)      # a 4x4 grid
+    img = visualize.upsample(maps, 4, 3)
+    assert img.shape == (2, 12, 12)
+    assert img[1, 3:6, 6:9].eq(maps[1, 1 * 4 + 2]).all()               # patch row 1, col 2
+
+
+def test_mask_to_proxy_comes_from_the_mask_stream_of_the_model():
+    model = tiny_model()
+    imgs = torch.randn(2, 3, 32, 32)
+    ids_keep, ids_mask, pred, attn = visualize.masked_prediction(model, imgs, seed=3)
+    again = visualize.masked_prediction(model, imgs, seed=3)
+    assert torch.equal(again[1], ids_mask)                             # seeded masks
+    assert pred.shape == (2, model.cfg.num_masked, 108)
+    assert attn["mask"][0].shape == (2, 2, model.cfg.num_masked, 4 + model.cfg.num_masked)
+
+
+# ---------------------------------------------------------------------------- reconstructions
+def test_pixel_unnormalisation_with_target_statistics_recovers_the_image():
+    model = tiny_model(target="pixel")
+    imgs = torch.randn(2, 3, 32, 32) * 2 + 1
+    g = torch.Generator().manual_seed(0)
+    ids_keep, ids_mask = sm.random_masking(2, 64, 52, g, "cpu")
+    pred = sm.gather_tokens(model.target(imgs), ids_mask)              # a perfect prediction
+    patches = visualize.unnormalise_pixel_prediction(pred, imgs, ids_mask, 4)
+    masked = visualize.masked_input(imgs, ids_keep, 4, fill=0.0)
+    assert masked.eq(0).sum() == 2 * 52 * 48                           # the masked patches blank
+    recon = visualize.paste_patches(masked, patches, ids_mask, 4)
+    assert torch.allclose(recon, imgs, atol=1e-5)
+
+
+def test_hog_glyphs_point_along_the_edges():
+    """A vertical edge gives vertical glyphs and a horizontal edge horizontal ones."""
+    img = torch.zeros(1, 3, 32, 32)
+    img[..., 16:] = 1.0                                               # vertical edge at x = 16
+    cells = visualize.hog_cells(sm.hog_target(img, 4), 8)              # (1, 16, 16, 9)
+    dirs = visualize.edge_directions()
+    dx, dy = dirs[cells[0, 5, 7].argmax()].abs()                       # a cell left of the edge
+    assert dy > 0.9 and dx < 0.2
+    dx, dy = dirs[visualize.hog_cells(sm.hog_target(img.transpose(-1, -2), 4), 8)[0, 7, 5]
+                  .argmax()].abs()
+    assert dx > 0.9 and dy < 0.2
+    # the cell layout: patch (r, c) cell (i, j) is image cell (2r + i, 2c + j)
+    t = torch.zeros(1, 64, 108)
+    t[0, 9, 1 * 36 + 4 * 4 + 1 * 2 + 0] = 3.0                  # patch (1, 1): channel 1, bin 4,
+    #                                                            cell (1, 0)
+    assert visualize.hog_cells(t, 8)[0, 3, 2, 4] == 1.0                # channel mean

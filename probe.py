@@ -1,0 +1,343 @@
+"""Frozen-feature evaluation of a train.py checkpoint: linear-probe and kNN top-1.
+
+The checkpoint is probed beside the same network with its random initial weights and raw pixels.
+
+    python probe.py out/checkpoint.pt                    # its own data set, last block, patch mean
+    python probe.py out/checkpoint.pt --pool both --layer 4
+    python probe.py out/checkpoint.pt --dataset fashion_mnist --data data
+    torchrun --nproc_per_node=8 probe.py run/checkpoint.pt --augmented --rows checkpoint random
+        # the authors' protocol (PAPER.md §6) on ImageNet; raw pixels at 224 px: too big to store
+
+Feature (authors'): parameter-free LayerNorm of the mean of block `--layer`'s patch tokens
+(`--pool proxy`: of the proxy tokens; `--pool both`: the two, each so normalised, concatenated).
+By default the features are extracted once, without augmentation, and the linear classifier
+(AdamW, cosine, lr 4e-3, wd 1e-4, batch 1024, as the authors) trains on the stored features: a
+CIFAR-size probe takes minutes on a CPU. --augmented recomputes the training features every
+epoch from RandomResizedCrop + flip images instead. kNN (DINO's eval_knn: cosine similarity, the
+k = 20 nearest vote with weights exp(sim / 0.07)) always uses the stored, un-augmented features.
+Under torchrun every process extracts a contiguous shard of the images; the gathered features
+are in data-set order and the classifiers run on rank 0. The table is also written as JSON next
+to the checkpoint.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import semanticmim as sm
+import train
+
+ROWS = {"checkpoint": "checkpoint", "random": "random weights", "pixels": "raw pixels"}
+
+
+# --------------------------------------------------------------------------------------------
+# Data: one split as labels plus this rank's shard of normalised images, in data-set order
+# --------------------------------------------------------------------------------------------
+def shard(n, rank, world):
+    """This rank's contiguous part of range(n); the parts of ranks 0..world-1 cover it in order."""
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def load_split(args, size, train_split, rank, world, device):
+    """Returns (labels (n,), num_classes, batches) where batches(epoch, augment) yields this
+    rank's shard in order as normalised images (B, 3, size, size) on the device. With augment,
+    RandomResizedCrop + flip drawn from (seed, epoch, image index) alone, so that the same images
+    come out whatever the number of processes."""
+    mean, std = train.MEAN_STD[args.dataset]
+    if args.dataset == "imagefolder":
+        root = train.find_image_folder(args.data, "train" if train_split else "val")
+        if not all(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val")):
+            raise SystemExit(f"error: the probe needs a held-out split: {args.data}/train and "
+                             f"{args.data}/val, each with one sub-folder of images per class")
+        plain, aug = (train.SeededFolder(root, train.folder_transform(
+            size, augment, mean, std, args.min_crop), args.seed) for augment in (False, True))
+        labels, num_classes = torch.tensor(plain.folder.targets), len(plain.folder.classes)
+    else:
+        images, labels = train.load_memory_dataset(args.dataset, args.data, train_split, size,
+                                                   args.synthetic_size)  # (n, C, h, w) uint8
+        num_classes = int(labels.max()) + 1
+    n = len(labels)
+    if n < world:
+        raise SystemExit(f"error: {n} images cannot be split over {world} processes")
+    part = shard(n, rank, world)
+
+    def batches(epoch, augment):
+        if args.dataset == "imagefolder":
+            loader = DataLoader(aug if augment else plain, batch_size=args.batch_size,
+                                sampler=[(epoch, i) for i in part], num_workers=args.workers,
+                                pin_memory=device.type == "cuda")
+            for x, _ in loader:
+                yield x.to(device, non_blocking=True)       # (B, 3, S, S)
+            return
+        if augment:
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+            r = torch.rand(n, 5, generator=g)               # (n, 5): the whole split's draws
+        for s in range(part.start, part.stop, args.batch_size):
+            e = min(s + args.batch_size, part.stop)
+            x = images[s:e].to(device)                      # (B, C, h, w) uint8
+            if augment:
+                x = train.augment(x, size, r[s:e].to(device), args.min_crop)  # (B, C, S, S)
+            yield train.to_model_input(x, size, mean, std)  # (B, 3, S, S)
+
+    return labels, num_classes, batches
+
+
+# --------------------------------------------------------------------------------------------
+# Features: pooled and LayerNorm'd, extracted per shard and gathered in data-set order
+# --------------------------------------------------------------------------------------------
+def layer_norm(x):
+    """Parameter-free LayerNorm over the last dimension (the authors' probe feature)."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def pool_features(model, imgs, layer=None, pool="patch"):
+    """Images (B, 3, S, S) -> features (B, D), or (B, 2D) for pool 'both' (patch part first)."""
+    proxy, patch = model.features(imgs, layer)              # (B, P, D), (B, N, D)
+    parts = {"patch": [patch], "proxy": [proxy], "both": [patch, proxy]}[pool]
+    return torch.cat([layer_norm(t.mean(1)) for t in parts], 1)  # (B, D) or (B, 2D)
+
+
+def pixel_features(imgs):
+    """The normalised model-input pixels, flattened and LayerNorm'd: (B, 3*S*S)."""
+    return layer_norm(imgs.flatten(1))                      # (B, 3*S*S)
+
+
+@torch.no_grad()
+def extract(fn, batches, n, world, device, amp=None):
+    """fn over this rank's shard of batches, gathered: (n, F) float32 features in data-set order,
+    on every rank. Shards are padded to the same length for all_gather, then trimmed."""
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        out = torch.cat([fn(x).float() for x in batches])   # (n_rank, F)
+    if world == 1:
+        return out
+    rows = max(len(shard(n, r, world)) for r in range(world))
+    padded = out.new_zeros(rows, out.shape[1])              # (rows, F)
+    padded[:len(out)] = out
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:len(shard(n, r, world))] for r, p in enumerate(parts)])  # (n, F)
+
+
+# --------------------------------------------------------------------------------------------
+# Classifiers: a linear probe and DINO's weighted kNN
+# --------------------------------------------------------------------------------------------
+def linear_probe(features_of_epoch, train_y, test_f, test_y, num_classes, epochs=100, lr=4e-3,
+                 weight_decay=1e-4, batch_size=1024, seed=0, fit=True):
+    """Trains a linear classifier (zero init: the problem is convex) with AdamW and a per-step
+    cosine schedule on features_of_epoch(epoch) (n, F) and returns the test top-1. With
+    fit=False (ranks > 0 under --augmented) only features_of_epoch runs, for its collectives."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(train_y)
+    steps_per_epoch = -(-n // batch_size)
+    head = opt = None
+    for epoch in range(epochs):
+        feats = features_of_epoch(epoch)                    # (n, F)
+        if not fit:
+            continue
+        if head is None:
+            head = torch.nn.Linear(feats.shape[1], num_classes, device=feats.device)
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+            opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        y = train_y.to(feats.device)
+        order = torch.randperm(n, generator=g).to(feats.device)  # (n,)
+        for i in range(steps_per_epoch):
+            for group in opt.param_groups:
+                group["lr"] = train.lr_at(epoch * steps_per_epoch + i, epochs * steps_per_epoch,
+                                          0, lr, final=0.0)
+            idx = order[i * batch_size:(i + 1) * batch_size]  # (b,)
+            loss = F.cross_entropy(head(feats[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    if not fit:
+        return None
+    with torch.no_grad():
+        pred = head(test_f).argmax(1)                       # (m,)
+    return (pred == test_y.to(pred.device)).float().mean().item()
+
+
+@torch.no_grad()
+def knn_predict(train_f, train_y, test_f, num_classes, k=20, temperature=0.07, chunk=256):
+    """DINO's eval_knn: cosine similarity of L2-normalised features, the k most similar training
+    images vote for their class with weight exp(sim / T). Test images in chunks. (m,) classes."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    train_y = train_y.to(train_f.device)
+    k = min(k, len(train_f))
+    preds = []
+    for s in range(0, len(test_f), chunk):
+        sim = test_f[s:s + chunk] @ train_f.T               # (b, n)
+        top, idx = sim.topk(k, dim=1)                       # (b, k), (b, k)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)  # (b, C)
+        votes.scatter_add_(1, train_y[idx], (top / temperature).exp())
+        preds.append(votes.argmax(1))                       # (b,)
+    return torch.cat(preds)                                 # (m,)
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=20, temperature=0.07):
+    pred = knn_predict(train_f, train_y, test_f, num_classes, k, temperature)  # (m,)
+    return (pred == test_y.to(pred.device)).float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments and the run
+# --------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint.pt written by train.py")
+    p.add_argument("--dataset", choices=train.DATASETS, default=None,
+                   help="None: the checkpoint's own")
+    p.add_argument("--data", default=None, help="data root (None: the checkpoint's own); for "
+                   "imagefolder the folder holding train/ and val/")
+    p.add_argument("--synthetic-size", type=int, default=None, help="None: the checkpoint's")
+    p.add_argument("--pool", choices=("patch", "proxy", "both"), default="patch",
+                   help="mean of the patch tokens (authors'), of the proxies, or both")
+    p.add_argument("--layer", type=int, default=None, help="main block, 1..depth (None: the last)")
+    p.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS),
+                   help="what to probe: the checkpoint, the same network with its random "
+                   "initial weights, the raw pixels")
+    p.add_argument("--epochs", type=int, default=100, help="linear classifier epochs")
+    p.add_argument("--lr", type=float, default=4e-3, help="the authors' at batch 1024")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--probe-batch-size", type=int, default=1024, help="linear classifier batch")
+    p.add_argument("--augmented", action="store_true", help="the authors' protocol: training "
+                   "features recomputed every epoch from RandomResizedCrop + flip images")
+    p.add_argument("--min-crop", type=float, default=0.08, help="RandomResizedCrop minimum "
+                   "scale under --augmented (torchvision's default)")
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    p.add_argument("--temperature", type=float, default=0.07, help="kNN temperature")
+    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch per "
+                   "process")
+    p.add_argument("--amp", choices=("bf16", "none"), default="none",
+                   help="autocast dtype for feature extraction")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers (image folders)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0, help="classifier order and augmentation")
+    p.add_argument("--out", default=None, help="JSON file (None: probe_<pool>_L<layer>"
+                   "[_<dataset>][_aug].json in the checkpoint's folder)")
+    return p
+
+
+def load(args):
+    """The checkpoint's model, with the data and layer settings it implies filled into args."""
+    try:
+        model, ckpt = sm.load_checkpoint(args.checkpoint, map_location="cpu")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    saved, cfg = ckpt.get("args", {}), model.cfg
+    args.dataset = args.dataset or saved.get("dataset", "cifar10")
+    if args.data is None and args.dataset == saved.get("dataset"):
+        args.data = saved.get("data", "data")
+    elif args.data is None and args.dataset == "imagefolder":
+        raise SystemExit("error: --dataset imagefolder needs --data DIR")
+    elif args.data is None:
+        args.data = "data"
+    args.synthetic_size = args.synthetic_size or saved.get("synthetic_size", 1024)
+    args.layer = cfg.depth if args.layer is None else args.layer
+    if not 1 <= args.layer <= cfg.depth:
+        raise SystemExit(f"error: --layer {args.layer} does not exist: this checkpoint has main "
+                         f"blocks 1..{cfg.depth}")
+    if args.pool != "patch" and cfg.num_proxies == 0:
+        raise SystemExit(f"error: --pool {args.pool} needs proxies, but this checkpoint has none "
+                         f"(num_proxies 0): use --pool patch")
+    return model, ckpt
+
+
+def main(argv=None):
+    """Runs the probe; returns (report dict, {row: (train features, test features)}) on rank 0
+    and (None, the same features) on other ranks."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    model, ckpt = load(args)
+    cfg = model.cfg
+    rank, world, device = train.setup_distributed(args.device)
+    amp = torch.bfloat16 if args.amp == "bf16" else None
+    train_y, num_classes, train_batches = load_split(args, cfg.img_size, True, rank, world, device)
+    test_y, test_classes, test_batches = load_split(args, cfg.img_size, False, rank, world, device)
+    num_classes = max(num_classes, test_classes)
+
+    nets = {"checkpoint": model}
+    if "random" in args.rows:  # seeded as train.py seeds it: the checkpoint's own initialisation
+        torch.manual_seed(ckpt.get("args", {}).get("seed", args.seed))
+        nets["random"] = sm.SemanticMIM(cfg)
+    fns = {name: (lambda x, m=net.to(device).eval(): pool_features(m, x, args.layer, args.pool))
+           for name, net in nets.items()}
+    fns["pixels"] = pixel_features
+
+    rows = [r for r in ROWS if r in args.rows]
+    features = {}  # every collective first, so that no rank waits long for rank 0's classifiers
+    for name in rows:
+        features[name] = (extract(fns[name], train_batches(0, False), len(train_y), world,
+                                  device, amp),              # (n, F)
+                          extract(fns[name], test_batches(0, False), len(test_y), world,
+                                  device, amp))              # (m, F)
+        if rank == 0:
+            print(f"{ROWS[name]}: features {tuple(features[name][0].shape)} train, "
+                  f"{tuple(features[name][1].shape)} test ({time.time() - t0:.0f} s)", flush=True)
+    linear = {}
+    for name in rows if args.augmented else []:  # training features of epoch e: its crops
+        def epoch_features(e, fn=fns[name]):
+            return extract(fn, train_batches(e + 1, True), len(train_y), world, device, amp)
+        linear[name] = linear_probe(epoch_features, train_y, features[name][1], test_y,
+                                    num_classes, args.epochs, args.lr, args.weight_decay,
+                                    args.probe_batch_size, args.seed, fit=rank == 0)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank > 0:
+        return None, features
+
+    results = []
+    for name in rows:
+        tr, te = features[name]                             # (n, F), (m, F)
+        if not args.augmented:
+            linear[name] = linear_probe(lambda e: tr, train_y, te, test_y, num_classes,
+                                        args.epochs, args.lr, args.weight_decay,
+                                        args.probe_batch_size, args.seed)
+        knn = knn_accuracy(tr, train_y, te, test_y, num_classes, args.k, args.temperature)
+        results.append({"row": ROWS[name], "linear_top1": linear[name], "knn_top1": knn,
+                        "dims": tr.shape[1], "pool": "pixels" if name == "pixels" else args.pool,
+                        "layer": None if name == "pixels" else args.layer})
+        print(f"{ROWS[name]}: linear {100 * linear[name]:.2f}%  kNN {100 * knn:.2f}%  "
+              f"({tr.shape[1]} dims, {time.time() - t0:.0f} s)", flush=True)
+
+    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    report = {"command": shlex.join(launcher + ["probe.py"] + argv),
+              "checkpoint": os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
+              "config": ckpt["config"], "dataset": args.dataset, "data": args.data,
+              "train_images": len(train_y), "test_images": len(test_y),
+              "num_classes": num_classes, "pool": args.pool, "layer": args.layer,
+              "augmented": args.augmented, "epochs": args.epochs, "lr": args.lr,
+              "weight_decay": args.weight_decay, "probe_batch_size": args.probe_batch_size,
+              "k": args.k, "temperature": args.temperature, "seed": args.seed,
+              "processes": world, "device": str(device), "rows": results,
+              "wall_time_s": round(time.time() - t0, 2)}
+    if args.out is None:
+        name = f"probe_{args.pool}_L{args.layer}"
+        name += f"_{args.dataset}" if args.dataset != ckpt.get("args", {}).get("dataset") else ""
+        name += "_aug" if args.augmented else ""
+        args.out = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name + ".json")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nprobe of {args.checkpoint} (step {report['step']}) on {args.dataset}: "
+          f"{len(train_y)} train / {len(test_y)} test images, {args.epochs} epochs"
+          f"{' augmented' if args.augmented else ''}, kNN k={args.k}")
+    print(f"{'row':16s} {'pool':>6s} {'layer':>5s} {'dims':>6s} {'linear top-1':>13s} "
+          f"{'kNN top-1':>10s}")
+    for r in results:
+        print(f"{r['row']:16s} {r['pool']:>6s} {str(r['layer'] or '-'):>5s} {r['dims']:6d} "
+              f"{100 * r['linear_top1']:12.2f}% {100 * r['knn_top1']:9.2f}%")
+    print(f"wrote {args.out} ({report['wall_time_s']:.1f} s)\ncommand: {report['command']}")
+    return report, features
+
+
+if __name__ == "__main__":
+    main()
