@@ -459,6 +459,17 @@ def test_analytic_flop_count_equals_torch_flop_counter(baseline, monkeypatch):
     assert matmuls == 2 * train.flops_per_image(cfg)
 
 
+def test_bench_reports_both_models(capsys):
+    results = train.main(RUN + ["--bench", "--amp", "none", "--batch-size", "8"])
+    assert set(results) == {"SemanticMIM", "baseline"}
+    for name, r in results.items():
+        assert r["img_per_s"] > 0 and r["memory_gib"] > 0 and 0 < r["peak_fraction"]
+        cfg = sm.Config(**{**TINY, "depth": 2, "baseline": name == "baseline"})
+        assert r["gflop_per_img"] == pytest.approx(train.flops_per_image(cfg) / 1e9)
+    out = capsys.readouterr().out
+    assert "matmul peak" in out and "% of peak" in out and "command: python" in out
+
+
 # ---------------------------------------------------------------------------- runs
 def test_exact_resume_is_bitwise(tmp_path):
     """Stopped mid-epoch at step 5 and resumed == uninterrupted (2 epochs of 8 steps)."""
