@@ -353,14 +353,17 @@ def hog_target(imgs, patch_size, nbins=9):
     return hist.reshape(B, h * w, C * nbins * 4)            # (B, N, 108)
 
 
-def pixel_target(imgs, patch_size):
-    """Each patch's pixels normalised by that patch's own mean and variance, (B, N, p*p*3).
+def patch_stats(patches):
+    """Per-patch mean and std (B, N, 1) of patches (B, N, p*p*3), as the pixel target uses them:
+    the unbiased variance, as MAE's code (torch.var's default), plus 1e-6."""
+    return patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
 
-    Variance is the unbiased one, as MAE's code (torch.var's default)."""
+
+def pixel_target(imgs, patch_size):
+    """Each patch's pixels normalised by that patch's own mean and std, (B, N, p*p*3)."""
     x = patchify(imgs, patch_size)                          # (B, N, p*p*3)
-    mean = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True)
-    return (x - mean) / (var + 1e-6) ** 0.5
+    mean, std = patch_stats(x)
+    return (x - mean) / std
 
 
 # --------------------------------------------------------------------------------------------

@@ -191,8 +191,8 @@ def unnormalise_pixel_prediction(pred, imgs, ids_mask, p):
     each masked patch's TRUE mean and std: the inverse of sm.pixel_target with the target's own
     statistics (the model never predicts them)."""
     true = sm.gather_tokens(sm.patchify(imgs, p), ids_mask)  # (B, Nm, p*p*3)
-    mean, var = true.mean(-1, keepdim=True), true.var(-1, keepdim=True)  # (B, Nm, 1) each
-    return pred * (var + 1e-6) ** 0.5 + mean                 # (B, Nm, p*p*3)
+    mean, std = sm.patch_stats(true)                        # (B, Nm, 1) each
+    return pred * std + mean                                # (B, Nm, p*p*3)
 
 
 def paste_patches(imgs, patches, ids, p):
