@@ -344,14 +344,15 @@ def bench(args, cfg, device, repeats=5, steps=5):
             sync()
             times.append(time.perf_counter() - t)
         ips = statistics.median(steps * args.batch_size / t for t in times)
-        flops = flops_per_image(c) * ips
+        per_img = flops_per_image(c)
+        flops = per_img * ips
         mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
         name = "baseline" if baseline else "SemanticMIM"
-        results[name] = {"img_per_s": ips, "gflop_per_img": flops_per_image(c) / 1e9,
+        results[name] = {"img_per_s": ips, "gflop_per_img": per_img / 1e9,
                          "tflop_per_s": flops / 1e12, "peak_fraction": flops / peak,
                          "memory_gib": mem}
-        print(f"{name:12s} {ips:8.1f} img/s  {flops_per_image(c) / 1e9:.3f} GFLOP/img  "
+        print(f"{name:12s} {ips:8.1f} img/s  {per_img / 1e9:.3f} GFLOP/img  "
               f"{flops / 1e9:.1f} GFLOP/s = {100 * flops / peak:.0f}% of peak  "
               f"{'peak allocated' if device.type == 'cuda' else 'peak RSS (process)'} "
               f"{mem:.2f} GiB  (median of {repeats} x {steps} steps, batch {args.batch_size}, "
