@@ -439,8 +439,8 @@ def test_image_folder_training_with_workers(tmp_path):
     assert weights_of(os.path.join(out, "checkpoint.pt"))["pos_embed"].shape == (1, 72, 32)
 
 
-@pytest.mark.parametrize("baseline", [False, True])
-def test_analytic_flop_count_equals_torch_flop_counter(baseline, monkeypatch):
+@pytest.mark.parametrize("baseline,plain", [(False, False), (True, False), (True, True)])
+def test_analytic_flop_count_equals_torch_flop_counter(baseline, plain, monkeypatch):
     """--bench's FLOPs per image equal what torch's FlopCounterMode counts in a training step
     (attention written out as matmuls, since the counter does not see the CPU SDPA kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -452,22 +452,25 @@ def test_analytic_flop_count_equals_torch_flop_counter(baseline, monkeypatch):
     cfg = tiny(baseline=baseline)
     model = sm.SemanticMIM(cfg)
     keep, mask = masks(cfg, 2)
+    imgs = torch.randn(2, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
-        model(torch.randn(2, 3, 32, 32), keep, mask).backward()
+        (train.plain_vit_loss(model, imgs) if plain else model(imgs, keep, mask)).backward()
     counts = counter.get_flop_counts()["Global"]
     matmuls = sum(v for k, v in counts.items() if "convolution" not in str(k))  # not the HOG
-    assert matmuls == 2 * train.flops_per_image(cfg)
+    assert matmuls == 2 * train.flops_per_image(cfg, plain)
 
 
-def test_bench_reports_both_models(capsys):
+def test_bench_reports_the_three_models(capsys):
     results = train.main(RUN + ["--bench", "--amp", "none", "--batch-size", "8"])
-    assert set(results) == {"SemanticMIM", "baseline"}
+    assert set(results) == {"SemanticMIM", "baseline", "plain ViT"}
     for name, r in results.items():
         assert r["img_per_s"] > 0 and r["memory_gib"] > 0 and 0 < r["peak_fraction"]
-        cfg = sm.Config(**{**TINY, "depth": 2, "baseline": name == "baseline"})
-        assert r["gflop_per_img"] == pytest.approx(train.flops_per_image(cfg) / 1e9)
+        cfg = sm.Config(**{**TINY, "depth": 2, "baseline": name != "SemanticMIM"})
+        expect = train.flops_per_image(cfg, plain=name == "plain ViT")
+        assert r["gflop_per_img"] == pytest.approx(expect / 1e9)
     out = capsys.readouterr().out
-    assert "matmul peak" in out and "% of peak" in out and "command: python" in out
+    assert "matmul peak" in out and "% of peak" in out and "bookkeeping costs" in out
+    assert "command: python" in out
 
 
 # ---------------------------------------------------------------------------- runs

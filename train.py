@@ -270,10 +270,11 @@ def train_step(net, model, opt, scaler, imgs, ids_keep, ids_mask, amp_dtype, cli
     return loss.detach()
 
 
-def flops_per_image(cfg):
+def flops_per_image(cfg, plain=False):
     """Matmul FLOPs of one training image (backward = 2 x forward, but none for the pixels),
     counted from the architecture: patch embedding, attention projections, QK^T and AV, MLP,
-    head. Norms, softmax, GELU, the HOG and the optimizer are left out (not matmuls)."""
+    head. Norms, softmax, GELU, the HOG and the optimizer are left out (not matmuls).
+    plain=True: the plain ViT step of plain_vit_loss."""
     D, P, N, Nm = cfg.dim, cfg.num_proxies, cfg.num_patches, cfg.num_masked
     Nv, mlp = N - Nm, 2 * cfg.mlp_ratio * D * D              # MLP weights: D*rD + rD*D
 
@@ -281,8 +282,10 @@ def flops_per_image(cfg):
         return 2 * (lq * D * D + lk * 2 * D * D + lq * D * D + lq * mlp) + 4 * lq * lk * D
 
     embed = 2 * N * cfg.patch_size ** 2 * 3 * D
-    fwd = embed + 2 * Nm * D * cfg.target_dim
-    if cfg.baseline:
+    fwd = embed + 2 * (N if plain else Nm) * D * cfg.target_dim
+    if plain:
+        fwd += cfg.depth * block(P + N, P + N)
+    elif cfg.baseline:
         fwd += cfg.depth * block(P + Nv + Nm, P + Nv + Nm)
     else:
         fwd += cfg.depth * (block(P + Nv, P + Nv) + block(Nm, P + Nm))
@@ -305,21 +308,32 @@ def matmul_peak(device, dtype, n=4096, repeats=5):
     return 2 * n ** 3 / min(times)
 
 
+def plain_vit_loss(model, imgs):
+    """A plain ViT training objective of (nearly) the same FLOPs as SemanticMIM's, for --bench:
+    the main stack on [PROXY; all N patches], the head on every patch; no masks, no gathers."""
+    patches = model.features(imgs)[1]                       # (B, N, D)
+    return F.mse_loss(model.head(model.norm(patches)).float(), model.target(imgs))
+
+
 def bench(args, cfg, device, repeats=5, steps=5):
     """Times the training step (masking, targets, forward, backward, AdamW; no data loading) of
-    SemanticMIM and its baseline: images/s (median of `repeats` timings of `steps` steps), model
-    FLOP/s and its fraction of the matmul peak measured now in the same dtype, peak memory."""
+    SemanticMIM, its baseline and a plain ViT on the same tokens (plain_vit_loss): images/s
+    (median of `repeats` timings of `steps` steps), model FLOP/s and its fraction of the matmul
+    peak measured now in the same dtype, peak memory. SemanticMIM's FLOP/s against the plain
+    ViT's is what its two-stream bookkeeping (gathers, concatenations, short sequences) costs."""
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     peak = matmul_peak(device, amp_dtype or torch.float32)
     print(f"matmul peak ({args.amp}, {device}, {torch.get_num_threads()} threads): "
           f"{peak / 1e9:.1f} GFLOP/s", flush=True)
     results = {}
-    for baseline in (False, True):
+    for name, baseline, plain in (("SemanticMIM", False, False), ("baseline", True, False),
+                                  ("plain ViT", True, True)):
         c = replace(cfg, baseline=baseline)
         torch.manual_seed(args.seed)
         model = sm.SemanticMIM(c).to(device)
-        net = torch.compile(model) if args.compile else model
+        net = (lambda imgs, keep, mask: plain_vit_loss(model, imgs)) if plain else model
+        net = torch.compile(net) if args.compile else net
         opt = make_optimizer(model, 1e-4, args.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         gen = torch.Generator(device=device)
@@ -344,11 +358,10 @@ def bench(args, cfg, device, repeats=5, steps=5):
             sync()
             times.append(time.perf_counter() - t)
         ips = statistics.median(steps * args.batch_size / t for t in times)
-        per_img = flops_per_image(c)
+        per_img = flops_per_image(c, plain)
         flops = per_img * ips
         mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-        name = "baseline" if baseline else "SemanticMIM"
         results[name] = {"img_per_s": ips, "gflop_per_img": per_img / 1e9,
                          "tflop_per_s": flops / 1e12, "peak_fraction": flops / peak,
                          "memory_gib": mem}
@@ -357,6 +370,9 @@ def bench(args, cfg, device, repeats=5, steps=5):
               f"{'peak allocated' if device.type == 'cuda' else 'peak RSS (process)'} "
               f"{mem:.2f} GiB  (median of {repeats} x {steps} steps, batch {args.batch_size}, "
               f"compile {args.compile})", flush=True)
+    ratio = results["SemanticMIM"]["tflop_per_s"] / results["plain ViT"]["tflop_per_s"]
+    print(f"SemanticMIM runs at {100 * ratio:.0f}% of the plain ViT's FLOP/s: its two-stream "
+          f"bookkeeping costs {100 * (1 - ratio):.0f}%")
     print("command: python " + " ".join(sys.argv))
     return results
 
