@@ -292,10 +292,18 @@ def flops_per_image(cfg, plain=False):
     return 3 * fwd - embed                                   # no gradient for the input pixels
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}  # --amp -> dtype
+
+
+def synchronizer(device):
+    """A function that waits for the device's queued work (nothing to wait for on CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def matmul_peak(device, dtype, n=4096, repeats=5):
     """The machine's peak FLOP/s: the fastest of `repeats` large square matmuls of this dtype
     (the best, not the median, so that a fraction of it is never flattered by a slow run)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
     times = []
@@ -321,8 +329,8 @@ def bench(args, cfg, device, repeats=5, steps=5):
     (median of `repeats` timings of `steps` steps), model FLOP/s and its fraction of the matmul
     peak measured now in the same dtype, peak memory. SemanticMIM's FLOP/s against the plain
     ViT's is what its two-stream bookkeeping (gathers, concatenations, short sequences) costs."""
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    amp_dtype = AMP_DTYPES[args.amp]
+    sync = synchronizer(device)
     peak = matmul_peak(device, amp_dtype or torch.float32)
     print(f"matmul peak ({args.amp}, {device}, {torch.get_num_threads()} threads): "
           f"{peak / 1e9:.1f} GFLOP/s", flush=True)
@@ -544,7 +552,7 @@ def main(argv=None):
     warmup = round(args.warmup_epochs * steps_per_epoch)
     peak_lr = args.blr * args.batch_size / 256
     opt = make_optimizer(model, peak_lr, args.weight_decay)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    amp_dtype = AMP_DTYPES[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step = 0
     if ckpt is not None:
