@@ -462,7 +462,11 @@ def test_analytic_flop_count_equals_torch_flop_counter(baseline, plain, monkeypa
 
 def test_bench_reports_the_three_models(capsys):
     results = train.main(RUN + ["--bench", "--amp", "none", "--batch-size", "8"])
-    assert set(results) == {"SemanticMIM", "baseline", "plain ViT"}
+    assert set(results) == {"SemanticMIM", "baseline", "plain ViT", "loader"}
+    loader = results.pop("loader")                      # --dataset given: the loader is timed
+    assert loader["img_per_s"] > 0
+    assert loader["times_step"] == pytest.approx(loader["img_per_s"]
+                                                 / results["SemanticMIM"]["img_per_s"])
     for name, r in results.items():
         assert r["img_per_s"] > 0 and r["memory_gib"] > 0 and 0 < r["peak_fraction"]
         cfg = sm.Config(**{**TINY, "depth": 2, "baseline": name != "SemanticMIM"})
@@ -470,7 +474,40 @@ def test_bench_reports_the_three_models(capsys):
         assert r["gflop_per_img"] == pytest.approx(expect / 1e9)
     out = capsys.readouterr().out
     assert "matmul peak" in out and "% of peak" in out and "bookkeeping costs" in out
-    assert "command: python" in out
+    assert "command: python" in out and "loader (synthetic, in memory, augmented on cpu)" in out
+
+
+def test_bench_loader_times_the_training_batches(tmp_path, monkeypatch):
+    """bench_loader times the batches train.py would get (image folder, with workers): every
+    timed batch is a real (B, 3, S, S) batch, and the rate is those images over the time."""
+    from PIL import Image
+    for c in range(2):
+        d = tmp_path / "train" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (50, 40), (40 * c + i, 90, 200)).save(d / f"{i}.jpg")
+    args = train.parse_args(["--data", str(tmp_path), "--preset", "cifar", "--batch-size", "4",
+                             "--workers", "2"])
+    cfg = train.build_config(args)
+    shapes, real = [], train.make_batches
+
+    def counting(*a):
+        steps, batches = real(*a)
+        def each(epoch, start):
+            for x in batches(epoch, start):
+                shapes.append(tuple(x.shape))
+                yield x
+        return steps, each
+    monkeypatch.setattr(train, "make_batches", counting)
+    clock = iter(range(100))                            # perf_counter: 1 s per call
+    monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(clock)))
+    ips = train.bench_loader(args, cfg, torch.device("cpu"), batches=3)
+    assert shapes == [(4, 3, 32, 32)] * 4               # 1 warm-up + 3 timed batches
+    assert ips == 3 * 4 / 1.0                           # 12 images between two clock reads
+    with pytest.raises(SystemExit, match="lower --batch-size"):
+        train.bench_loader(train.parse_args(["--data", str(tmp_path), "--batch-size", "16",
+                                           "--workers", "0"]),
+                           cfg, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------- runs

@@ -381,8 +381,37 @@ def bench(args, cfg, device, repeats=5, steps=5):
     ratio = results["SemanticMIM"]["tflop_per_s"] / results["plain ViT"]["tflop_per_s"]
     print(f"SemanticMIM runs at {100 * ratio:.0f}% of the plain ViT's FLOP/s: its two-stream "
           f"bookkeeping costs {100 * (1 - ratio):.0f}%")
+    if "dataset" in args.given:                             # --bench --dataset X: the loader too
+        ips, step_ips = bench_loader(args, cfg, device), results["SemanticMIM"]["img_per_s"]
+        where = (f"{args.workers} worker process(es)" if args.dataset == "imagefolder" else
+                 f"in memory, augmented on {device}")
+        results["loader"] = {"img_per_s": ips, "times_step": ips / step_ips}
+        print(f"loader ({args.dataset}, {where}): {ips:.1f} img/s alone = {ips / step_ips:.1f} x "
+              f"SemanticMIM's {step_ips:.1f} img/s: "
+              + ("it keeps up" if ips > step_ips else "THE LOADER IS THE BOTTLENECK"), flush=True)
     print("command: python " + " ".join(sys.argv))
     return results
+
+
+def bench_loader(args, cfg, device, batches=20):
+    """Images/s of the training data of --dataset alone: reading, augmentation, normalisation,
+    transfer to the device, as train.py feeds it; timed after the first batch (worker start)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+    steps, batches_of = make_batches(args, cfg, 0, 1, device, gen)
+    if steps < 2:
+        raise SystemExit(f"error: the loader benchmark needs 2 batches of {args.batch_size} "
+                         f"images but {args.dataset} gives {steps}: lower --batch-size")
+    n, sync, it = min(batches, steps - 1), synchronizer(device), batches_of(0, 0)
+    next(it)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    sync()
+    seconds = time.perf_counter() - t
+    it.close()
+    return n * args.batch_size / seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,8 +470,9 @@ def build_parser():
     r.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
     r.add_argument("--stop-at", type=int, default=None, help="save and exit after this step "
                    "(to split a run into jobs; --resume continues it)")
-    r.add_argument("--bench", action="store_true", help="time the training step of SemanticMIM "
-                   "and its baseline on random images, print images/s, and exit")
+    r.add_argument("--bench", action="store_true", help="time the training step of SemanticMIM, "
+                   "its baseline and a plain ViT on random images (and, with --dataset, the "
+                   "loader alone), print images/s, and exit")
     return p
 
 
