@@ -52,6 +52,9 @@ def setup_distributed(device_arg="auto"):
     if device_arg == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU: use --device cpu")
     use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
+    if use_cuda:                                # fp32 matmuls (--amp none) in TF32 on GPUs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -300,9 +303,11 @@ def synchronizer(device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def matmul_peak(device, dtype, n=4096, repeats=5):
+def matmul_peak(device, dtype, n=None, repeats=5):
     """The machine's peak FLOP/s: the fastest of `repeats` large square matmuls of this dtype
-    (the best, not the median, so that a fraction of it is never flattered by a slow run)."""
+    (the best, not the median, so that a fraction of it is never flattered by a slow run);
+    n = 4096 on CPU, 8192 on a GPU (a 4096 product is too short to fill an H100)."""
+    n = n or (8192 if device.type == "cuda" else 4096)
     sync = synchronizer(device)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
@@ -569,10 +574,6 @@ def main(argv=None):
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the "
                          f"{world} processes")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
