@@ -328,54 +328,68 @@ def plain_vit_loss(model, imgs):
     return F.mse_loss(model.head(model.norm(patches)).float(), model.target(imgs))
 
 
+def bench_step(args, cfg, plain, device):
+    """A training step of the model of cfg (plain: plain_vit_loss) on fixed random images,
+    warmed up (and compiled); returns (step function, GiB of memory it took)."""
+    amp_dtype = AMP_DTYPES[args.amp]
+    torch.manual_seed(args.seed)
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    model = sm.SemanticMIM(cfg).to(device)
+    net = (lambda imgs, keep, mask: plain_vit_loss(model, imgs)) if plain else model
+    net = torch.compile(net) if args.compile else net
+    opt = make_optimizer(model, 1e-4, args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+    imgs = torch.randn(args.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+
+    def step():
+        keep, mask = sm.random_masking(args.batch_size, cfg.num_patches, cfg.num_masked, gen,
+                                       device, cfg.independent_mask)
+        return train_step(net, model, opt, scaler, imgs, keep, mask, amp_dtype, args.clip)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(3):                                      # warm-up (and compilation)
+        step()
+    synchronizer(device)()
+    mem = (torch.cuda.max_memory_allocated(device) - before if cuda else  # this model's own
+           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)     # the whole process
+    return step, mem / 2 ** 30
+
+
 def bench(args, cfg, device, repeats=5, steps=5):
     """Times the training step (masking, targets, forward, backward, AdamW; no data loading) of
     SemanticMIM, its baseline and a plain ViT on the same tokens (plain_vit_loss): images/s
-    (median of `repeats` timings of `steps` steps), model FLOP/s and its fraction of the matmul
-    peak of the same dtype, measured before and after the models (the higher of the two: a
-    machine whose speed drifts never flatters the fraction), peak memory. SemanticMIM's FLOP/s
-    against the plain ViT's is what its two-stream bookkeeping (gathers, concatenations, short
-    sequences) costs."""
+    (median of `repeats` timings of `steps` steps, the models taking turns so that a machine
+    whose speed drifts slows them alike), model FLOP/s and its fraction of the matmul peak of the
+    same dtype, measured before and after the models (the higher of the two, so that a slow
+    moment never flatters the fraction), peak memory. SemanticMIM's FLOP/s against the plain
+    ViT's is what its two-stream bookkeeping (gathers, concatenations, short sequences) costs."""
     amp_dtype = AMP_DTYPES[args.amp]
     sync = synchronizer(device)
     peaks = [matmul_peak(device, amp_dtype or torch.float32)]
-    results = {}
-    for name, baseline, plain in (("SemanticMIM", False, False), ("baseline", True, False),
-                                  ("plain ViT", True, True)):
-        c = replace(cfg, baseline=baseline)
-        torch.manual_seed(args.seed)
-        model = sm.SemanticMIM(c).to(device)
-        net = (lambda imgs, keep, mask: plain_vit_loss(model, imgs)) if plain else model
-        net = torch.compile(net) if args.compile else net
-        opt = make_optimizer(model, 1e-4, args.weight_decay)
-        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-        gen = torch.Generator(device=device)
-        gen.manual_seed(args.seed)
-        imgs = torch.randn(args.batch_size, 3, c.img_size, c.img_size, device=device)
-
-        def step():
-            keep, mask = sm.random_masking(args.batch_size, c.num_patches, c.num_masked, gen,
-                                           device, c.independent_mask)
-            return train_step(net, model, opt, scaler, imgs, keep, mask, amp_dtype, args.clip)
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(3):                                  # warm-up (and compilation)
-            step()
-        times = []
-        for _ in range(repeats):
+    models = {name: (replace(cfg, baseline=baseline), plain)
+              for name, baseline, plain in (("SemanticMIM", False, False),
+                                            ("baseline", True, False), ("plain ViT", True, True))}
+    stepper, memory, times = {}, {}, {name: [] for name in models}
+    for name, (c, plain) in models.items():
+        stepper[name], memory[name] = bench_step(args, c, plain, device)
+    for _ in range(repeats):
+        for name in models:
             sync()
             t = time.perf_counter()
             for _ in range(steps):
-                step()
+                stepper[name]()
             sync()
-            times.append(time.perf_counter() - t)
-        ips = statistics.median(steps * args.batch_size / t for t in times)
+            times[name].append(time.perf_counter() - t)
+    results = {}
+    for name, (c, plain) in models.items():
+        ips = statistics.median(steps * args.batch_size / t for t in times[name])
         per_img = flops_per_image(c, plain)
-        mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else
-               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
         results[name] = {"img_per_s": ips, "gflop_per_img": per_img / 1e9,
-                         "tflop_per_s": per_img * ips / 1e12, "memory_gib": mem}
+                         "tflop_per_s": per_img * ips / 1e12, "memory_gib": memory[name]}
     peaks.append(matmul_peak(device, amp_dtype or torch.float32))
     peak = max(peaks)
     print(f"matmul peak ({args.amp}, {device}, {torch.get_num_threads()} threads): "
@@ -385,7 +399,7 @@ def bench(args, cfg, device, repeats=5, steps=5):
         r["peak_fraction"] = r["tflop_per_s"] * 1e12 / peak
         print(f"{name:12s} {r['img_per_s']:8.1f} img/s  {r['gflop_per_img']:.3f} GFLOP/img  "
               f"{r['tflop_per_s'] * 1e3:.1f} GFLOP/s = {100 * r['peak_fraction']:.0f}% of peak  "
-              f"{'peak allocated' if device.type == 'cuda' else 'peak RSS (process)'} "
+              f"{'peak allocated by it' if device.type == 'cuda' else 'peak RSS (process)'} "
               f"{r['memory_gib']:.2f} GiB  (median of {repeats} x {steps} steps, batch "
               f"{args.batch_size}, compile {args.compile})", flush=True)
     ratio = results["SemanticMIM"]["tflop_per_s"] / results["plain ViT"]["tflop_per_s"]
