@@ -4,8 +4,8 @@
     python experiments/profile_step.py --baseline --amp bf16            # any train.py model flag
 
 Prints the busiest operators, the share of the operator time spent in matrix products, and the
-rate those products reach against the large-matmul peak of the same dtype (train.matmul_peak):
-the ceiling of the whole step's fraction of peak on this machine.
+rate those products reach (profiled) against the large-matmul peak of the same dtype, measured
+before and after as in --bench: what the model's own matrix sizes allow on this machine.
 """
 import os
 import sys
@@ -24,6 +24,8 @@ def main(steps=5):
     device = train.setup_distributed(args.device)[2]
     cfg = train.build_config(args)
     step = train.bench_step(args, cfg, False, device)[0]
+    dtype = train.AMP_DTYPES[args.amp] or torch.float32
+    peak = train.matmul_peak(device, dtype)                 # and again after: the higher counts
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, with_flops=True) as prof:
@@ -37,7 +39,7 @@ def main(steps=5):
     total = sum(own(e) for e in events)                                  # microseconds
     mm_time = sum(own(e) for e in events if e.key in MATMULS)
     mm_flops = sum(e.flops for e in events if e.key in MATMULS)
-    peak = train.matmul_peak(device, train.AMP_DTYPES[args.amp] or torch.float32)
+    peak = max(peak, train.matmul_peak(device, dtype))
     rate = mm_flops / (mm_time / 1e6)
     print(f"{'baseline' if cfg.baseline else 'SemanticMIM'} ({args.preset} preset) batch "
           f"{args.batch_size}, --amp {args.amp}, {device} ({torch.get_num_threads()} threads), "
