@@ -42,6 +42,17 @@ def tiny(**kw):
     return sm.Config(**{**TINY, **kw})
 
 
+def write_image_folder(root, split, per_class, colour, size=lambda i: (40 + i, 36), ext="png"):
+    """root/split/class0 and class1, per_class solid images each: image i of class c has
+    colour(c, i) and size(i)."""
+    from PIL import Image
+    for c in range(2):
+        d = root / split / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", size(i), colour(c, i)).save(d / f"{i}.{ext}")
+
+
 def masks(cfg, batch, seed=0):
     g = torch.Generator().manual_seed(seed)
     return sm.random_masking(batch, cfg.num_patches, cfg.num_masked, g, "cpu")
@@ -426,12 +437,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 def test_image_folder_training_with_workers(tmp_path):
     """--data DIR reads DIR/train when present; a seeded worker pipeline trains end to end."""
-    from PIL import Image
-    for c in range(2):
-        d = tmp_path / "train" / f"class{c}"
-        d.mkdir(parents=True)
-        for i in range(8):
-            Image.new("RGB", (40 + i, 36), (40 * c + i, 90, 200)).save(d / f"{i}.png")
+    write_image_folder(tmp_path, "train", 8, lambda c, i: (40 * c + i, 90, 200))
     out = str(tmp_path / "run")
     args = ["--data", str(tmp_path), "--preset", "cifar", "--dim", "32", "--depth", "1",
             "--heads", "2", "--batch-size", "8", "--workers", "2", "--out", out]
@@ -480,12 +486,8 @@ def test_bench_reports_the_three_models(capsys):
 def test_bench_loader_times_the_training_batches(tmp_path, monkeypatch):
     """bench_loader times the batches train.py would get (image folder, with workers): every
     timed batch is a real (B, 3, S, S) batch, and the rate is those images over the time."""
-    from PIL import Image
-    for c in range(2):
-        d = tmp_path / "train" / f"class{c}"
-        d.mkdir(parents=True)
-        for i in range(12):
-            Image.new("RGB", (50, 40), (40 * c + i, 90, 200)).save(d / f"{i}.jpg")
+    write_image_folder(tmp_path, "train", 12, lambda c, i: (40 * c + i, 90, 200),
+                       size=lambda i: (50, 40), ext="jpg")
     args = train.parse_args(["--data", str(tmp_path), "--preset", "cifar", "--batch-size", "4",
                              "--workers", "2"])
     cfg = train.build_config(args)
@@ -608,12 +610,9 @@ def test_train_py_end_to_end_in_a_subprocess(tmp_path):
 
 
 # ============================================================================ probe.py
-# a tiny synthetic run of train.py (128 train / 32 test images, 10 classes); a high lr so that
+# RUN (128 train / 32 test images, 10 classes) in fp32 with a high lr so that
 # the trained weights are far from their initialisation (the "random weights" row)
-TRAIN = ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "16", "--dim", "32",
-         "--depth", "2", "--heads", "2", "--num-proxies", "4", "--amp", "none", "--blr", "0.05"]
-
-
+TRAIN = RUN + ["--amp", "none", "--blr", "0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -781,13 +780,8 @@ def test_two_gloo_processes_give_the_features_and_accuracies_of_one(ckpt, tmp_pa
 
 
 def test_image_folder_probe_reads_train_and_val(ckpt, tmp_path):
-    from PIL import Image
     for split, n in (("train", 6), ("val", 3)):
-        for c in range(2):
-            d = tmp_path / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (40 + i, 36), (200 * c + i, 90, 40)).save(d / f"{i}.png")
+        write_image_folder(tmp_path, split, n, lambda c, i: (200 * c + i, 90, 40))
     args = [ckpt, "--dataset", "imagefolder", "--data", str(tmp_path), "--workers", "0",
             "--epochs", "5", "--augmented", "--probe-batch-size", "4"]
     report, feats = probe.main(args)
@@ -818,13 +812,8 @@ def test_probe_bad_inputs_give_clear_errors(ckpt, tmp_path):
 
 
 # ============================================================================ visualize.py
-# a tiny synthetic run of train.py: 128 images, global batch 16 -> 8 steps per epoch
-VIS_RUN = ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "16", "--dim", "32",
-       "--depth", "2", "--heads", "2", "--num-proxies", "4", "--log-every", "2",
-       "--amp", "none"]  # bf16 autocast is slow on CPU and changes nothing drawn here
+VIS_RUN = RUN + ["--amp", "none"]  # bf16 autocast is slow on CPU and changes nothing drawn here
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
 
 
 @pytest.fixture(scope="module")
@@ -852,9 +841,7 @@ def assert_pngs(folder, names):
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = sm.Config(**{**dict(img_size=32, patch_size=4, dim=32, depth=3, heads=2,
-                              num_proxies=4), **kw})
-    return sm.SemanticMIM(cfg).eval()
+    return sm.SemanticMIM(tiny(**kw)).eval()
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -906,14 +893,8 @@ def test_image_files_as_input(runs, tmp_path):
 
 def test_image_folder_checkpoint_reads_its_val_split(tmp_path):
     """A checkpoint trained on --data DIR shows DIR/val images (resized, centre-cropped)."""
-    from PIL import Image
-    for split in ("train", "val"):
-        for c in range(2):
-            d = tmp_path / "data" / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(4):
-                blue = 200 if split == "train" else 100
-                Image.new("RGB", (40 + i, 36), (40 * c + i, 90, blue)).save(d / f"{i}.png")
+    for split, blue in (("train", 200), ("val", 100)):
+        write_image_folder(tmp_path / "data", split, 4, lambda c, i: (40 * c + i, 90, blue))
     run = tmp_path / "run"
     train.main(["--data", str(tmp_path / "data"), "--preset", "cifar", "--dim", "32", "--depth",
                 "1", "--heads", "2", "--batch-size", "8", "--workers", "0", "--amp", "none",
