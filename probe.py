@@ -72,9 +72,9 @@ def load_split(args, size, train_split, rank, world, device):
         if args.dataset == "imagefolder":
             loader = DataLoader(aug if augment else plain, batch_size=args.batch_size,
                                 sampler=[(epoch, i) for i in part], num_workers=args.workers,
-                                pin_memory=device.type == "cuda")
-            for x, _ in loader:
-                yield x.to(device, non_blocking=True)       # (B, 3, S, S)
+                                pin_memory=device.type == "cuda",
+                                collate_fn=train.collate_images)
+            yield from train.folder_batches(loader, device)  # (B, 3, S, S) each
             return
         if augment:
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
@@ -97,11 +97,23 @@ def layer_norm(x):
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
-def pool_features(model, imgs, layer=None, pool="patch"):
-    """Images (B, 3, S, S) -> features (B, D), or (B, 2D) for pool 'both' (patch part first)."""
-    proxy, patch = model.features(imgs, layer)              # (B, P, D), (B, N, D)
+def pool_tokens(proxy, patch, pool):
+    """Proxy (B, P, D) and patch (B, N, D) outputs -> the feature (B, D), or (B, 2D) for 'both'
+    (patch part first): each mean LayerNorm'd without parameters."""
     parts = {"patch": [patch], "proxy": [proxy], "both": [patch, proxy]}[pool]
     return torch.cat([layer_norm(t.mean(1)) for t in parts], 1)  # (B, D) or (B, 2D)
+
+
+def layer_features(model, imgs, layers, pools):
+    """Images (B, 3, S, S) -> {(pool, layer): features} for every pool and layer, from one pass
+    of the main stack."""
+    outs = model.features_per_layer(imgs, layers)           # {layer: ((B, P, D), (B, N, D))}
+    return {(pool, layer): pool_tokens(*outs[layer], pool) for layer in layers for pool in pools}
+
+
+def pool_features(model, imgs, layer=None, pool="patch"):
+    """Images (B, 3, S, S) -> features (B, D), or (B, 2D) for pool 'both', of one block."""
+    return pool_tokens(*model.features(imgs, layer), pool)
 
 
 def pixel_features(imgs):
@@ -109,34 +121,67 @@ def pixel_features(imgs):
     return layer_norm(imgs.flatten(1))                      # (B, 3*S*S)
 
 
+def progress(what, total, unit, every=10.0):
+    """A function update(done) that prints train.py-style progress of `what` (done of total
+    units, rate, ETA) at most every `every` seconds, and always once done == total."""
+    t0 = last = time.time()
+
+    def update(done):
+        nonlocal last
+        now = time.time()
+        if now - last < every and done < total:
+            return
+        last, rate = now, done / max(now - t0, 1e-9)
+        print(f"{what}: {done}/{total} {unit} {rate:.1f} {unit}/s eta "
+              f"{(total - done) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+    return update
+
+
 @torch.no_grad()
-def extract(fn, batches, n, world, device, amp=None):
-    """fn over this rank's shard of batches, gathered: (n, F) float32 features in data-set order,
-    on every rank. Shards are padded to the same length for all_gather, then trimmed."""
+def extract(fn, batches, n, world, device, amp=None, what=None):
+    """fn (images -> {key: (B, F)}) over this rank's shard of batches, gathered: {key: (n, F)}
+    float32 features in data-set order, on every rank. Shards are padded to the same length for
+    all_gather, then trimmed. With `what`, progress lines on rank 0 (its shard's images)."""
+    rank = dist.get_rank() if world > 1 else 0
+    mine = len(shard(n, rank, world))
+    update = progress(what, mine, "images") if what and rank == 0 else None
+    parts, done = {}, 0
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        out = torch.cat([fn(x).float() for x in batches])   # (n_rank, F)
+        for x in batches:
+            for key, f in fn(x).items():
+                parts.setdefault(key, []).append(f.float())  # (B, F)
+            done += len(x)
+            if update:
+                update(done)
+    out = {key: torch.cat(p) for key, p in parts.items()}   # {key: (n_rank, F)}
     if world == 1:
         return out
     rows = max(len(shard(n, r, world)) for r in range(world))
-    padded = out.new_zeros(rows, out.shape[1])              # (rows, F)
-    padded[:len(out)] = out
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:len(shard(n, r, world))] for r, p in enumerate(parts)])  # (n, F)
+    gathered = {}
+    for key, f in out.items():
+        padded = f.new_zeros(rows, f.shape[1])              # (rows, F)
+        padded[:len(f)] = f
+        pieces = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(pieces, padded)
+        gathered[key] = torch.cat([p[:len(shard(n, r, world))]
+                                   for r, p in enumerate(pieces)])  # (n, F)
+    return gathered
 
 
 # --------------------------------------------------------------------------------------------
 # Classifiers: a linear probe and DINO's weighted kNN
 # --------------------------------------------------------------------------------------------
 def linear_probe(features_of_epoch, train_y, test_f, test_y, num_classes, epochs=100, lr=4e-3,
-                 weight_decay=1e-4, batch_size=1024, seed=0, fit=True):
+                 weight_decay=1e-4, batch_size=1024, seed=0, fit=True, what=None):
     """Trains a linear classifier (zero init: the problem is convex) with AdamW and a per-step
     cosine schedule on features_of_epoch(epoch) (n, F) and returns the test top-1. With
-    fit=False (ranks > 0 under --augmented) only features_of_epoch runs, for its collectives."""
+    fit=False (ranks > 0 under --augmented) only features_of_epoch runs, for its collectives.
+    With `what`, progress lines of the epochs."""
     g = torch.Generator().manual_seed(seed)
     n = len(train_y)
     steps_per_epoch = -(-n // batch_size)
     head = opt = None
+    update = progress(what, epochs, "epochs") if what and fit else None
     for epoch in range(epochs):
         feats = features_of_epoch(epoch)                    # (n, F)
         if not fit:
@@ -157,6 +202,8 @@ def linear_probe(features_of_epoch, train_y, test_f, test_y, num_classes, epochs
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if update:
+            update(epoch + 1)
     if not fit:
         return None
     with torch.no_grad():
@@ -189,6 +236,16 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=20, temperatur
 # --------------------------------------------------------------------------------------------
 # Arguments and the run
 # --------------------------------------------------------------------------------------------
+def layer_arg(text):
+    """--layer values: a block number or 'all' (checked against the checkpoint in load)."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a block number nor 'all'") from None
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -197,40 +254,46 @@ def build_parser():
                    help="None: the checkpoint's own")
     p.add_argument("--data", default=None, help="data root (None: the checkpoint's own); for "
                    "imagefolder the folder holding train/ and val/")
-    p.add_argument("--synthetic-size", type=int, default=None, help="None: the checkpoint's")
-    p.add_argument("--pool", choices=("patch", "proxy", "both"), default="patch",
-                   help="mean of the patch tokens (authors'), of the proxies, or both")
-    p.add_argument("--layer", type=int, default=None, help="main block, 1..depth (None: the last)")
+    p.add_argument("--synthetic-size", type=train.COUNT, default=None,
+                   help="None: the checkpoint's")
+    p.add_argument("--pool", nargs="+", choices=("patch", "proxy", "both"), default=["patch"],
+                   help="mean of the patch tokens (authors'), of the proxies, or both; several "
+                   "are probed from one pass")
+    p.add_argument("--layer", nargs="+", type=layer_arg, default=None, help="main blocks, "
+                   "1..depth, or 'all' (None: the last); several are probed from one pass")
     p.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS),
                    help="what to probe: the checkpoint, the same network with its random "
                    "initial weights, the raw pixels")
-    p.add_argument("--epochs", type=int, default=100, help="linear classifier epochs")
-    p.add_argument("--lr", type=float, default=4e-3, help="the authors' at batch 1024")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--probe-batch-size", type=int, default=1024, help="linear classifier batch")
+    p.add_argument("--epochs", type=train.COUNT, default=100, help="linear classifier epochs")
+    p.add_argument("--lr", type=train.POSITIVE, default=4e-3, help="the authors' at batch 1024")
+    p.add_argument("--weight-decay", type=train.NONNEGATIVE, default=1e-4)
+    p.add_argument("--probe-batch-size", type=train.COUNT, default=1024,
+                   help="linear classifier batch")
     p.add_argument("--augmented", action="store_true", help="the authors' protocol: training "
                    "features recomputed every epoch from RandomResizedCrop + flip images")
-    p.add_argument("--min-crop", type=float, default=0.08, help="RandomResizedCrop minimum "
-                   "scale under --augmented (torchvision's default)")
-    p.add_argument("--k", type=int, default=20, help="kNN neighbours")
-    p.add_argument("--temperature", type=float, default=0.07, help="kNN temperature")
-    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch per "
-                   "process")
+    p.add_argument("--min-crop", type=train.FRACTION, default=0.08, help="RandomResizedCrop "
+                   "minimum scale under --augmented (torchvision's default)")
+    p.add_argument("--k", type=train.COUNT, default=20, help="kNN neighbours")
+    p.add_argument("--temperature", type=train.POSITIVE, default=0.07, help="kNN temperature")
+    p.add_argument("--batch-size", type=train.COUNT, default=256, help="feature-extraction "
+                   "batch per process")
     p.add_argument("--amp", choices=("bf16", "none"), default="none",
                    help="autocast dtype for feature extraction")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers (image folders)")
+    p.add_argument("--workers", type=train.NATURAL, default=8,
+                   help="DataLoader workers (image folders)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=0, help="classifier order and augmentation")
+    p.add_argument("--seed", type=train.NATURAL, default=0,
+                   help="classifier order and augmentation")
     p.add_argument("--out", default=None, help="JSON file (None: probe_<pool>_L<layer>"
                    "[_<dataset>][_aug].json in the checkpoint's folder)")
-    return p
+    return train.one_line_errors(p)
 
 
 def load(args):
     """The checkpoint's model, with the data and layer settings it implies filled into args."""
     try:
         model, ckpt = sm.load_checkpoint(args.checkpoint, map_location="cpu")
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     saved, cfg = ckpt.get("args", {}), model.cfg
     args.dataset = args.dataset or saved.get("dataset", "cifar10")
@@ -241,19 +304,25 @@ def load(args):
     elif args.data is None:
         args.data = "data"
     args.synthetic_size = args.synthetic_size or saved.get("synthetic_size", 1024)
-    args.layer = cfg.depth if args.layer is None else args.layer
-    if not 1 <= args.layer <= cfg.depth:
-        raise SystemExit(f"error: --layer {args.layer} does not exist: this checkpoint has main "
+    layers = args.layer or [cfg.depth]
+    args.layer = sorted(set(range(1, cfg.depth + 1) if "all" in layers else layers))
+    bad = [layer for layer in args.layer if not 1 <= layer <= cfg.depth]
+    if bad:
+        raise SystemExit(f"error: --layer {bad[0]} does not exist: this checkpoint has main "
                          f"blocks 1..{cfg.depth}")
-    if args.pool != "patch" and cfg.num_proxies == 0:
-        raise SystemExit(f"error: --pool {args.pool} needs proxies, but this checkpoint has none "
-                         f"(num_proxies 0): use --pool patch")
+    args.pool = list(dict.fromkeys(args.pool))             # each once, in the order given
+    if args.pool != ["patch"] and cfg.num_proxies == 0:
+        raise SystemExit(f"error: --pool {' '.join(args.pool)} needs proxies, but this "
+                         f"checkpoint has none (num_proxies 0): use --pool patch")
+    if args.augmented and len(args.pool) * len(args.layer) > 1:
+        raise SystemExit("error: --augmented recomputes the features every epoch: give one "
+                         "--pool and one --layer")
     return model, ckpt
 
 
 def main(argv=None):
-    """Runs the probe; returns (report dict, {row: (train features, test features)}) on rank 0
-    and (None, the same features) on other ranks."""
+    """Runs the probe; returns (report dict, {(row, pool, layer): (train features, test
+    features)}) on rank 0 and (None, the same features) on other ranks."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     t0 = time.time()
@@ -269,59 +338,64 @@ def main(argv=None):
     if "random" in args.rows:  # seeded as train.py seeds it: the checkpoint's own initialisation
         torch.manual_seed(ckpt.get("args", {}).get("seed", args.seed))
         nets["random"] = sm.SemanticMIM(cfg)
-    fns = {name: (lambda x, m=net.to(device).eval(): pool_features(m, x, args.layer, args.pool))
+    fns = {name: (lambda x, m=net.to(device).eval(): layer_features(m, x, args.layer, args.pool))
            for name, net in nets.items()}
-    fns["pixels"] = pixel_features
+    fns["pixels"] = lambda x: {("pixels", None): pixel_features(x)}
 
     rows = [r for r in ROWS if r in args.rows]
     features = {}  # every collective first, so that no rank waits long for rank 0's classifiers
     for name in rows:
-        features[name] = (extract(fns[name], train_batches(0, False), len(train_y), world,
-                                  device, amp),              # (n, F)
-                          extract(fns[name], test_batches(0, False), len(test_y), world,
-                                  device, amp))              # (m, F)
-        if rank == 0:
-            print(f"{ROWS[name]}: features {tuple(features[name][0].shape)} train, "
-                  f"{tuple(features[name][1].shape)} test ({time.time() - t0:.0f} s)", flush=True)
+        tr = extract(fns[name], train_batches(0, False), len(train_y), world, device, amp,
+                     f"{ROWS[name]} features, train")      # {(pool, layer): (n, F)}
+        te = extract(fns[name], test_batches(0, False), len(test_y), world, device, amp,
+                     f"{ROWS[name]} features, test")       # {(pool, layer): (m, F)}
+        for key in tr:
+            features[(name, *key)] = (tr[key], te[key])
     linear = {}
-    for name in rows if args.augmented else []:  # training features of epoch e: its crops
-        def epoch_features(e, fn=fns[name]):
-            return extract(fn, train_batches(e + 1, True), len(train_y), world, device, amp)
-        linear[name] = linear_probe(epoch_features, train_y, features[name][1], test_y,
-                                    num_classes, args.epochs, args.lr, args.weight_decay,
-                                    args.probe_batch_size, args.seed, fit=rank == 0)
+    for key in features if args.augmented else []:  # training features of epoch e: its crops
+        def epoch_features(e, fn=fns[key[0]], k=key[1:]):
+            return extract(fn, train_batches(e + 1, True), len(train_y), world, device, amp)[k]
+        linear[key] = linear_probe(epoch_features, train_y, features[key][1], test_y,
+                                   num_classes, args.epochs, args.lr, args.weight_decay,
+                                   args.probe_batch_size, args.seed, fit=rank == 0,
+                                   what=f"linear probe, {ROWS[key[0]]}")
     if world > 1:
         dist.destroy_process_group()
     if rank > 0:
         return None, features
 
     results = []
-    for name in rows:
-        tr, te = features[name]                             # (n, F), (m, F)
+    for key, (tr, te) in features.items():                 # (n, F), (m, F)
+        name, pool, layer = key
         if not args.augmented:
-            linear[name] = linear_probe(lambda e: tr, train_y, te, test_y, num_classes,
-                                        args.epochs, args.lr, args.weight_decay,
-                                        args.probe_batch_size, args.seed)
+            linear[key] = linear_probe(lambda e: tr, train_y, te, test_y, num_classes,
+                                       args.epochs, args.lr, args.weight_decay,
+                                       args.probe_batch_size, args.seed,
+                                       what=f"linear probe, {ROWS[name]} {pool} L{layer}")
         knn = knn_accuracy(tr, train_y, te, test_y, num_classes, args.k, args.temperature)
-        results.append({"row": ROWS[name], "linear_top1": linear[name], "knn_top1": knn,
-                        "dims": tr.shape[1], "pool": "pixels" if name == "pixels" else args.pool,
-                        "layer": None if name == "pixels" else args.layer})
-        print(f"{ROWS[name]}: linear {100 * linear[name]:.2f}%  kNN {100 * knn:.2f}%  "
-              f"({tr.shape[1]} dims, {time.time() - t0:.0f} s)", flush=True)
+        results.append({"row": ROWS[name], "linear_top1": linear[key], "knn_top1": knn,
+                        "dims": tr.shape[1], "pool": pool, "layer": layer})
+        label = ROWS[name] if name == "pixels" else f"{ROWS[name]} {pool} L{layer}"
+        print(f"{label}: linear {100 * linear[key]:.2f}%  kNN "
+              f"{100 * knn:.2f}%  ({tr.shape[1]} dims, {time.time() - t0:.0f} s)", flush=True)
 
     launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    one = args.pool[0] if len(args.pool) == 1 else args.pool
     report = {"command": shlex.join(launcher + ["probe.py"] + argv),
               "checkpoint": os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
               "config": ckpt["config"], "dataset": args.dataset, "data": args.data,
               "train_images": len(train_y), "test_images": len(test_y),
-              "num_classes": num_classes, "pool": args.pool, "layer": args.layer,
+              "num_classes": num_classes, "pool": one,
+              "layer": args.layer[0] if len(args.layer) == 1 else args.layer,
               "augmented": args.augmented, "epochs": args.epochs, "lr": args.lr,
               "weight_decay": args.weight_decay, "probe_batch_size": args.probe_batch_size,
               "k": args.k, "temperature": args.temperature, "seed": args.seed,
               "processes": world, "device": str(device), "rows": results,
               "wall_time_s": round(time.time() - t0, 2)}
     if args.out is None:
-        name = f"probe_{args.pool}_L{args.layer}"
+        layers = ("all" if len(args.layer) == ckpt["config"]["depth"] > 1 else
+                  "-".join(map(str, args.layer)))
+        name = f"probe_{'-'.join(args.pool)}_L{layers}"
         name += f"_{args.dataset}" if args.dataset != ckpt.get("args", {}).get("dataset") else ""
         name += "_aug" if args.augmented else ""
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name + ".json")

@@ -18,6 +18,9 @@ H heads, T target dims (108 for HOG with 2x2 cells per patch, p*p*3 for pixels).
 """
 import math
 import os
+import pickle
+import re
+import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -33,9 +36,9 @@ class Config:
     """Every architecture setting; saved in each checkpoint and used to rebuild the model."""
     img_size: int = 32
     patch_size: int = 4
-    dim: int = 192
-    depth: int = 6
-    heads: int = 3
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
     mlp_ratio: float = 4.0
     num_proxies: int = 8        # P; the authors' HOG variant uses 8
     mask_ratio: float = 0.8     # ceil(N * mask_ratio) patches are masked in every image
@@ -77,8 +80,9 @@ class Config:
 
 
 PRESETS = {
-    # Small enough for a laptop CPU: 64 patches of 4x4 px, a 6-block ViT-Tiny-width stack.
-    "cifar": Config(img_size=32, patch_size=4, dim=192, depth=6, heads=3),
+    # Small enough for a laptop CPU: 64 patches of 4x4 px, a 4-block stack of width 128 (one
+    # Fashion-MNIST epoch in about 25 minutes on one CPU core, fp32).
+    "cifar": Config(img_size=32, patch_size=4, dim=128, depth=4, heads=4),
     # The authors' ViT-B/16 at 224 px (PAPER.md §6).
     "vit_b16": Config(img_size=224, patch_size=16, dim=768, depth=12, heads=12),
 }
@@ -312,6 +316,19 @@ class SemanticMIM(nn.Module):
         out = (x[:, :P], x[:, P:])                              # (B, P, D), (B, N, D)
         return (*out, attn) if return_attn else out
 
+    def features_per_layer(self, imgs, layers):
+        """features() of several main blocks from one pass: {layer: (proxy (B, P, D), patch
+        (B, N, D))} for each 1-based layer in `layers`."""
+        P = self.cfg.num_proxies
+        proxy, img = self.embed(imgs)
+        x = torch.cat([proxy, img], 1)                          # (B, P+N, D)
+        out = {}
+        for i, blk in enumerate(self.blocks[:max(layers)], 1):
+            x = blk(x)
+            if i in layers:
+                out[i] = (x[:, :P], x[:, P:])                   # (B, P, D), (B, N, D)
+        return out
+
 
 # --------------------------------------------------------------------------------------------
 # 5. Targets
@@ -389,14 +406,40 @@ def load_weights(model, state, ckpt_config):
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Rebuild the model from a checkpoint written by train.py. Returns (model, checkpoint dict)."""
+def read_checkpoint(path, map_location="cpu", needs=("config", "model")):
+    """Every checkpoint file is opened here. Returns its dict, or raises ValueError with one line
+    that names the file and what is wrong with it. Loading is weights-only: a file holding objects
+    other than tensors and plain values is refused without running any of its code."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py "
-                                f"wrote in its --out folder")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no config/model)")
-    model = SemanticMIM(config_from_dict(ckpt["config"]))
-    load_weights(model, ckpt["model"], ckpt["config"])
+        raise ValueError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py wrote "
+                         f"in its --out folder")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index is at the end
+        raise ValueError(f"{path} is not a complete checkpoint: not the zip archive torch.save "
+                         f"writes (a copy cut short, a full disk, or another kind of file)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = re.findall(r"GLOBAL ([\w.]+)", str(e))      # the object torch refused, if named
+        raise ValueError(f"{path} was not loaded: it holds objects other than tensors and plain "
+                         f"values{' (' + names[0] + ')' if names else ''}, and loading it could "
+                         f"run code") from None
+    except Exception as e:  # a damaged archive: torch reports it as RuntimeError and others
+        raise ValueError(f"{path} is damaged and could not be read "
+                         f"({type(e).__name__}: {str(e).split('. ')[0]})") from None
+    missing = [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint written by train.py (no "
+                         f"{', '.join(missing)})")
+    return ckpt
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Rebuild the model from a checkpoint written by train.py. Returns (model, checkpoint dict);
+    ValueError with one line for any bad file."""
+    ckpt = read_checkpoint(path, map_location)
+    try:
+        model = SemanticMIM(config_from_dict(ckpt["config"]))
+        load_weights(model, ckpt["model"], ckpt["config"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: {' '.join(str(e).split())[:400]}") from None
     return model, ckpt

@@ -22,6 +22,8 @@ import train
 import visualize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "experiments"))
+import bench  # noqa: E402  experiments/bench.py
 TINY = dict(img_size=32, patch_size=4, dim=32, depth=3, heads=2, num_proxies=4)
 # a tiny synthetic run of train.py: 128 images, global batch 16 -> 8 steps per epoch
 RUN = ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "16", "--dim", "32",
@@ -369,7 +371,7 @@ def test_checkpoint_round_trip_and_architecture_mismatch(tmp_path):
     one_proxy = sm.SemanticMIM(tiny(num_proxies=1))
     with pytest.raises(ValueError, match="num_proxies=4 in the checkpoint but 1 in the model"):
         sm.load_weights(one_proxy, model.state_dict(), asdict(cfg))
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(ValueError, match="no checkpoint at"):
         sm.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
@@ -447,7 +449,7 @@ def test_image_folder_training_with_workers(tmp_path):
 
 @pytest.mark.parametrize("baseline,plain", [(False, False), (True, False), (True, True)])
 def test_analytic_flop_count_equals_torch_flop_counter(baseline, plain, monkeypatch):
-    """--bench's FLOPs per image equal what torch's FlopCounterMode counts in a training step
+    """The benchmark's FLOPs per image equal what torch's FlopCounterMode counts in a training step
     (attention written out as matmuls, since the counter does not see the CPU SDPA kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -460,14 +462,14 @@ def test_analytic_flop_count_equals_torch_flop_counter(baseline, plain, monkeypa
     keep, mask = masks(cfg, 2)
     imgs = torch.randn(2, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
-        (train.plain_vit_loss(model, imgs) if plain else model(imgs, keep, mask)).backward()
+        (bench.plain_vit_loss(model, imgs) if plain else model(imgs, keep, mask)).backward()
     counts = counter.get_flop_counts()["Global"]
     matmuls = sum(v for k, v in counts.items() if "convolution" not in str(k))  # not the HOG
-    assert matmuls == 2 * train.flops_per_image(cfg, plain)
+    assert matmuls == 2 * bench.flops_per_image(cfg, plain)
 
 
 def test_bench_reports_the_three_models(capsys):
-    results = train.main(RUN + ["--bench", "--amp", "none", "--batch-size", "8"])
+    results = bench.main(RUN + ["--amp", "none", "--batch-size", "8"])
     assert set(results) == {"SemanticMIM", "baseline", "plain ViT", "loader"}
     loader = results.pop("loader")                      # --dataset given: the loader is timed
     assert loader["img_per_s"] > 0
@@ -476,11 +478,12 @@ def test_bench_reports_the_three_models(capsys):
     for name, r in results.items():
         assert r["img_per_s"] > 0 and r["memory_gib"] > 0 and 0 < r["peak_fraction"]
         cfg = sm.Config(**{**TINY, "depth": 2, "baseline": name != "SemanticMIM"})
-        expect = train.flops_per_image(cfg, plain=name == "plain ViT")
+        expect = bench.flops_per_image(cfg, plain=name == "plain ViT")
         assert r["gflop_per_img"] == pytest.approx(expect / 1e9)
     out = capsys.readouterr().out
     assert "matmul peak" in out and "% of peak" in out and "bookkeeping costs" in out
-    assert "command: python" in out and "loader (synthetic, in memory, augmented on cpu)" in out
+    assert "command: python experiments/bench.py --dataset synthetic" in out
+    assert "loader (synthetic, in memory, augmented on cpu)" in out
 
 
 def test_bench_loader_times_the_training_batches(tmp_path, monkeypatch):
@@ -502,12 +505,12 @@ def test_bench_loader_times_the_training_batches(tmp_path, monkeypatch):
         return steps, each
     monkeypatch.setattr(train, "make_batches", counting)
     clock = iter(range(100))                            # perf_counter: 1 s per call
-    monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(clock)))
-    ips = train.bench_loader(args, cfg, torch.device("cpu"), batches=3)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    ips = bench.bench_loader(args, cfg, torch.device("cpu"), batches=3)
     assert shapes == [(4, 3, 32, 32)] * 4               # 1 warm-up + 3 timed batches
     assert ips == 3 * 4 / 1.0                           # 12 images between two clock reads
     with pytest.raises(SystemExit, match="lower --batch-size"):
-        train.bench_loader(train.parse_args(["--data", str(tmp_path), "--batch-size", "16",
+        bench.bench_loader(train.parse_args(["--data", str(tmp_path), "--batch-size", "16",
                                            "--workers", "0"]),
                            cfg, torch.device("cpu"))
 
@@ -732,12 +735,14 @@ def test_probe_end_to_end_writes_the_table_and_is_deterministic(ckpt):
     for split, i in ((True, 0), (False, 1)):
         x, _ = synthetic_inputs(split)
         with torch.no_grad():
-            assert torch.allclose(feats["checkpoint"][i],
+            assert torch.allclose(feats[("checkpoint", "both", 1)][i],
                                   probe.pool_features(model.eval(), x, 1, "both"), atol=1e-5)
-            assert torch.allclose(feats["random"][i], probe.pool_features(init, x, 1, "both"),
-                                  atol=1e-5)
-        assert torch.allclose(feats["pixels"][i], probe.pixel_features(x), atol=1e-5)
-    assert not torch.allclose(feats["checkpoint"][0], feats["random"][0], atol=1e-2)
+            assert torch.allclose(feats[("random", "both", 1)][i],
+                                  probe.pool_features(init, x, 1, "both"), atol=1e-5)
+        assert torch.allclose(feats[("pixels", "pixels", None)][i], probe.pixel_features(x),
+                              atol=1e-5)
+    assert not torch.allclose(feats[("checkpoint", "both", 1)][0],
+                              feats[("random", "both", 1)][0], atol=1e-2)
     again, _ = probe.main(args)
     assert again["rows"] == report["rows"]
 
@@ -1023,3 +1028,238 @@ def test_hog_glyphs_point_along_the_edges():
     t[0, 9, 1 * 36 + 4 * 4 + 1 * 2 + 0] = 3.0                  # patch (1, 1): channel 1, bin 4,
     #                                                            cell (1, 0)
     assert visualize.hog_cells(t, 8)[0, 3, 2, 4] == 1.0                # channel mean
+
+
+# ============================================================================ visualize.py --stats
+# Figure 1 of the paper as numbers: hand-made attention tensors with known answers, then the CLI.
+def stats_of(attn, P, grid, fg=None):
+    """The statistics of one attention tensor (B, H, P+N, P+N), as --stats reports them."""
+    values = visualize.layer_stats(attn, P, visualize.grid_distances(grid), fg)
+    return visualize.means(visualize.sums_and_counts(values))
+
+
+def test_stats_of_uniform_attention_are_the_uniform_reference():
+    P, grid, N = 3, 4, 16
+    attn = torch.full((2, 2, P + N, P + N), 1 / (P + N))
+    fg = torch.zeros(2, N, dtype=torch.bool)
+    fg[0, :5], fg[1, 3:14] = True, True
+    got = stats_of(attn, P, grid, fg)
+    by_hand = sum(math.dist(divmod(a, grid), divmod(b, grid))
+                  for a in range(N) for b in range(N)) / N ** 2   # mean distance, self included
+    assert got["distance"] == pytest.approx(by_hand)
+    assert got["proxy_share"] == pytest.approx(P / (P + N))
+    assert got["query_js"] == pytest.approx(0, abs=1e-6)
+    assert got["proxy_js"] == pytest.approx(0, abs=1e-6)
+    assert got["fg_consistency"] == pytest.approx(1) and got["bg_consistency"] == pytest.approx(1)
+    assert visualize.uniform_reference(P, grid) == pytest.approx(got, abs=1e-6)
+
+
+def test_stats_attention_on_the_query_itself_has_distance_zero_and_disjoint_maps_js_one():
+    P, grid, N = 2, 4, 16
+    attn = torch.zeros(1, 1, P + N, P + N)
+    attn[0, 0, P:, P:] = torch.eye(N)                              # each patch on itself
+    attn[0, 0, 0, P + 3] = attn[0, 0, 1, P + 9] = 1                # proxies on different patches
+    got = stats_of(attn, P, grid)
+    assert got["distance"] == 0 and got["proxy_share"] == 0
+    assert got["query_js"] == pytest.approx(1) and got["proxy_js"] == pytest.approx(1)
+    # a query that looks 1 row down and 2 columns right looks sqrt(5) patches away
+    maps = torch.zeros(1, N, N)
+    maps[0, 0, 1 * grid + 2] = 1
+    dist = visualize.attention_distance(maps, visualize.grid_distances(grid))
+    assert dist[0, 0] == pytest.approx(math.sqrt(5))
+    # JS in bits: disjoint 1, equal 0, and a half overlap by hand: H(.75, .25) - (0 + 1) / 2
+    p, q, r = torch.tensor([[1., 0, 0], [0, 1, 0], [.5, .5, 0]])
+    assert visualize.js_divergence(p, q) == pytest.approx(1)
+    assert visualize.js_divergence(p, p) == 0
+    h = -(.75 * math.log2(.75) + .25 * math.log2(.25))
+    assert visualize.js_divergence(p, r) == pytest.approx(h - 0.5)
+    # two equal maps and one disjoint: pairs 0, 1, 1
+    assert visualize.mean_pairwise_js(torch.stack([p, p, q])[None]) == pytest.approx(2 / 3)
+
+
+def test_stats_pairwise_js_in_blocks_equals_the_double_loop():
+    torch.manual_seed(0)
+    maps = torch.randn(3, 6, 10).softmax(-1)
+    loop = torch.tensor([sum(visualize.js_divergence(maps[b, i], maps[b, j])
+                             for i in range(6) for j in range(6) if i != j) / 30
+                         for b in range(3)])
+    for budget in (1, 1 << 22):                                    # one row per block, all rows
+        assert torch.allclose(visualize.mean_pairwise_js(maps, budget), loop, atol=1e-6)
+    assert visualize.mean_pairwise_js(maps[:, :1]).isnan().all()  # one row: no pair
+
+
+def test_stats_proxy_share_is_the_weight_on_the_proxies_before_renormalising():
+    P, grid, N = 2, 2, 4
+    attn = torch.zeros(1, 2, P + N, P + N)
+    attn[0, :, :, 0] = 1                                           # both heads on proxy 0
+    assert visualize.proxy_share(attn, P).eq(1).all()
+    attn[0, 1] = 0
+    attn[0, 1, :, P + 3] = 1                                       # head 1 on patch 3 instead
+    got = stats_of(attn, P, grid)
+    assert got["proxy_share"] == pytest.approx(0.5)
+    maps = visualize.renormalised_maps(attn, P)                    # head mean, then renormalise
+    assert torch.equal(maps[0], torch.eye(N)[[3] * (P + N)])
+    assert got["distance"] == pytest.approx(sum(math.dist(divmod(q, 2), (1, 1))
+                                                for q in range(N)) / N)
+    assert got["query_js"] == 0                                    # every query on patch 3
+
+
+def test_stats_region_consistency_is_mass_on_own_region_over_its_share():
+    grid, N = 4, 16
+    fg = torch.zeros(3, N, dtype=torch.bool)
+    fg[0, :4] = True                                  # image 1: no foreground; image 2: all of it
+    fg[2] = True
+    attn = torch.full((3, 1, N, N), 1 / N)                         # no proxies (P = 0)
+    attn[0, 0] = fg[0].float() / 4                                 # every query on the foreground
+    got = stats_of(attn, 0, grid, fg)
+    assert got["fg_consistency"] == pytest.approx(N / 4)           # N / |fg|
+    assert got["bg_consistency"] == 0                              # image 1 is not counted
+    assert got["proxy_js"] is None and got["proxy_share"] == 0
+    # by hand, 4 patches, foreground = patch 0: a foreground query with half its mass on it
+    # scores .5 / (1/4); a background query with .75 on the background scores .75 / (3/4)
+    maps = torch.tensor([[[.5, .5, 0, 0], [.25, .25, .5, 0], [1, 0, 0, 0], [0, 0, 0, 1]]])
+    r = visualize.region_consistency(maps, torch.tensor([[True, False, False, False]]))
+    assert torch.allclose(r, torch.tensor([[2.0, 1.0, 0.0, 4 / 3]]))
+    # a region that covers the image scores 1 by construction and is left out
+    assert visualize.region_consistency(maps, torch.ones(1, 4, dtype=torch.bool)).isnan().all()
+
+
+def test_stats_identical_proxies_have_diversity_zero_and_one_proxy_none():
+    torch.manual_seed(0)
+    P, grid, N = 3, 4, 16
+    attn = torch.randn(2, 2, P + N, P + N).softmax(-1)
+    attn[:, :, 1:P] = attn[:, :, :1]                               # every proxy as proxy 0
+    assert stats_of(attn, P, grid)["proxy_js"] == pytest.approx(0, abs=1e-6)
+    attn = torch.randn(2, 2, 1 + N, 1 + N).softmax(-1)
+    assert stats_of(attn, 1, grid)["proxy_js"] is None
+
+
+def test_stats_foreground_is_the_raw_mean_intensity_of_a_patch():
+    raw = torch.zeros(2, 3, 8, 8)                                  # 2x2 patches of 4 px
+    raw[0, :, 0:4, 4:8] = 0.3                                      # patch 1: mean 0.3
+    raw[0, 0, 4:8, 0:4] = 0.25                                     # patch 2: one channel, 0.083
+    fg = visualize.foreground_patches(raw, 4, 0.1)
+    assert fg.tolist() == [[False, True, False, False], [False] * 4]
+
+
+def test_stats_cli_prints_the_table_and_writes_json_beside_the_checkpoint(runs, tmp_path, capsys,
+                                                                        monkeypatch):
+    ckpt = runs / "sm" / "checkpoint.pt"
+    out = tmp_path / "fig"
+    written = visualize.main([str(ckpt), "--stats", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert [os.path.basename(p) for p in written] == ["attn_stats.png"]   # no other figure
+    assert os.listdir(out) == ["attn_stats.png"]
+    assert_pngs(out, ["attn_stats.png"])
+    assert "the synthetic test split has 32 images: using all of them" in text
+    lines = text.splitlines()
+    assert next(s for s in lines if s.startswith("layer")).split() == [
+        "layer", "proxy", "share", "distance", "query", "JS", "fg", "region", "bg", "region",
+        "proxy", "JS"]
+    rows = {s.split()[0]: s.split()[1:] for s in lines
+            if s.split() and s.split()[0] in ("1", "2", "uniform")}
+    assert sorted(rows) == ["1", "2", "uniform"] and all(len(v) == 6 for v in rows.values())
+
+    report = json.load(open(runs / "sm" / "attn_stats.json"))
+    assert report["command"] == f"python visualize.py {ckpt} --stats --out {out}"
+    assert (report["images"]["dataset"], report["images"]["count"]) == ("synthetic", 32)
+    assert report["foreground_threshold"] == visualize.FOREGROUND_THRESHOLD["synthetic"]
+    assert set(report["statistics"]) == set(visualize.STATS)
+    (entry,) = report["models"]
+    assert entry["name"] == "SemanticMIM" and entry["config"]["num_proxies"] == 4
+    assert entry["uniform"] == pytest.approx(visualize.uniform_reference(4, 8))
+    assert [layer["layer"] for layer in entry["layers"]] == [1, 2]
+    for layer, row in zip(entry["layers"], (rows["1"], rows["2"])):
+        assert set(layer) == set(visualize.STATS) | {"layer"}
+        assert 0 < layer["proxy_share"] < 1 and 0 < layer["distance"] < math.dist((0, 0), (7, 7))
+        assert 0 <= layer["query_js"] <= 1 and 0 <= layer["proxy_js"] <= 1
+        assert layer["fg_consistency"] > 0 and layer["bg_consistency"] > 0
+        assert [float(v) for v in row] == pytest.approx(
+            [layer[k] for k in visualize.STATS], abs=0.006)         # the table prints the JSON
+
+    # the numbers are the definitions, written plainly, on the 32 test images
+    model, c = visualize.load_model(str(ckpt))
+    n, get = visualize.test_split(c["args"], 32)
+    with torch.no_grad():
+        attn = visualize.main_attention(model, visualize.normalise(get(range(n)), c), 2)
+    P, mean_attn = 4, attn.mean(1)                                 # (B, P+N, P+N)
+    maps = mean_attn[:, P:, P:] / mean_attn[:, P:, P:].sum(-1, keepdim=True)
+    last = entry["layers"][1]
+    assert last["proxy_share"] == pytest.approx(float(mean_attn[:, P:, :P].sum(-1).mean()))
+    assert last["distance"] == pytest.approx(
+        float((maps * visualize.grid_distances(8)).sum(-1).mean()), rel=1e-5)
+    # batches add up to the same numbers as one batch
+    monkeypatch.setattr(visualize, "stats_chunk", lambda cfg: 7)
+    batched = visualize.attention_stats([(model, c, "x")], get, n, 0.5)[0]
+    for layer, again in zip(entry["layers"], batched):
+        assert again == pytest.approx({k: v for k, v in layer.items() if k != "layer"}, rel=1e-5)
+
+
+def test_stats_compare_two_checkpoints_side_by_side_and_attn_stats_png(runs, tmp_path, capsys):
+    """Three models: SemanticMIM, the one-switch baseline and a 3-block baseline with the
+    authors' MaskFeat settings (one proxy, mask ratio 0.4), named apart by P and ratio."""
+    torch.manual_seed(0)
+    cfg = sm.Config(dim=32, depth=3, heads=2, num_proxies=1, mask_ratio=0.4, baseline=True)
+    third = tmp_path / "maskfeat.pt"
+    torch.save({"config": asdict(cfg), "model": sm.SemanticMIM(cfg).state_dict(),
+                "args": {"dataset": "synthetic"}}, third)
+    out = tmp_path / "fig"
+    written = visualize.main([str(runs / "sm" / "checkpoint.pt"), "--stats", "--stats-images",
+                              "8", "--compare", str(runs / "base" / "checkpoint.pt"), str(third),
+                              "--what", "compare", "--indices", "0", "--out", str(out)])
+    names = ["attn_stats.png", "compare_attn_layer2.png"]         # layers -1: 2, 2 and 3
+    assert sorted(os.path.basename(p) for p in written) == names
+    assert_pngs(out, names)
+    text = capsys.readouterr().out
+    assert "A = SemanticMIM: " in text and "B = baseline P4 m0.8: " in text
+    assert "C = baseline P1 m0.4: " in text
+    lines = text.splitlines()
+    head = lines.index(next(s for s in lines if s.startswith("layer")))
+    assert lines[head + 1].split() == ["A", "B", "C"] * 6
+    row3 = lines[head + 4].split()                                 # block 3: only model C
+    assert row3[0] == "3" and row3[1:3] == ["-", "-"] and row3[3] != "-"
+    assert row3[-3:] == ["-", "-", "-"]                            # proxy JS: P 1 has none
+    report = json.load(open(runs / "sm" / "attn_stats.json"))
+    assert report["images"]["count"] == 8
+    assert [m["name"] for m in report["models"]] == ["SemanticMIM", "baseline P4 m0.8",
+                                                     "baseline P1 m0.4"]
+    assert [len(m["layers"]) for m in report["models"]] == [2, 2, 3]
+    assert all(layer["proxy_js"] is None for layer in report["models"][2]["layers"])
+    assert [m["uniform"]["proxy_share"] for m in report["models"]] == pytest.approx(
+        [4 / 68, 4 / 68, 1 / 65])
+
+
+def test_stats_skip_region_consistency_without_a_black_background(runs, tmp_path, capsys,
+                                                                 monkeypatch):
+    """A data set of natural images (here CIFAR-10, its images stood in by synthetic ones):
+    no region columns, a note, and a null threshold."""
+    c = torch.load(runs / "sm" / "checkpoint.pt", weights_only=True)
+    c["args"] = {**c["args"], "dataset": "cifar10"}
+    torch.save(c, tmp_path / "cifar.pt")
+    real = visualize.test_split
+    monkeypatch.setattr(visualize, "test_split", lambda args, size, root=None: real(
+        {"dataset": "synthetic", "data": None, "synthetic_size": 128}, size))
+    visualize.main([str(tmp_path / "cifar.pt"), "--stats", "--stats-images", "5",
+                    "--out", str(tmp_path / "fig")])
+    text = capsys.readouterr().out
+    assert "note: no region consistency: cifar10 images have no plain background" in text
+    assert "fg region" not in text
+    report = json.load(open(tmp_path / "attn_stats.json"))
+    assert report["foreground_threshold"] is None
+    assert set(report["models"][0]["layers"][0]) == set(visualize.STATS) - {
+        "fg_consistency", "bg_consistency"} | {"layer"}
+
+
+def test_stats_bad_flags_give_one_line_errors(runs, tmp_path):
+    ckpt = str(runs / "sm" / "checkpoint.pt")
+    cases = [(["--stats", "--stats-images", "0"],
+              "^error: --stats-images must be a positive integer, got 0$"),
+             (["--stats", "--stats-images", "-5"], "must be a positive integer, got -5$"),
+             (["--stats", "--stats-images", "many"], "must be a positive integer, got many$"),
+             (["--stats-images", "5"], "^error: --stats-images needs --stats$"),
+             (["--stats", "--compare", ckpt, ckpt, ckpt],
+              "^error: --compare takes one or two checkpoints, got 3$")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            visualize.main([ckpt, *argv, "--out", str(tmp_path / "fig")])
+    assert not os.path.exists(tmp_path / "fig")

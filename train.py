@@ -14,19 +14,17 @@ import argparse
 import json
 import math
 import os
-import resource
+import shlex
 import signal
-import statistics
-import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 import semanticmim as sm
 
@@ -166,10 +164,30 @@ class SeededFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        img, label = self.folder[i]
+        path, label = self.folder.samples[i]
+        try:
+            img = self.folder.loader(path)
+        except Exception as e:  # reported by folder_batches in the main process, with the file
+            return f"cannot read image {path} ({type(e).__name__}: {e})"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, i)) & (2 ** 63 - 1))
             return self.transform(img), label
+
+
+def collate_images(items):
+    """default_collate of (image, label) pairs; the message of the first unreadable image
+    instead, so that a bad file stops the run with one line rather than a worker's traceback."""
+    bad = [item for item in items if isinstance(item, str)]
+    return bad[0] if bad else default_collate(items)
+
+
+def folder_batches(loader, device):
+    """The images of each batch of a SeededFolder loader, on the device; a batch with an
+    unreadable image stops here, before any weight sees it."""
+    for batch in loader:
+        if isinstance(batch, str):
+            raise SystemExit(f"error: {batch}: remove or replace that file, then run again")
+        yield batch[0].to(device, non_blocking=True)        # (B, 3, S, S)
 
 
 def folder_transform(size, train, mean, std, min_scale=0.5):
@@ -199,7 +217,7 @@ def make_batches(args, cfg, rank, world, device, gen):
         keys = []  # the loader's sampler: refilled in place every epoch (persistent workers)
         loader = DataLoader(data, batch_size=local, sampler=keys, drop_last=True,
                             num_workers=args.workers, pin_memory=device.type == "cuda",
-                            persistent_workers=args.workers > 0)
+                            persistent_workers=args.workers > 0, collate_fn=collate_images)
     else:
         images, _ = load_memory_dataset(args.dataset, args.data, True, cfg.img_size,
                                         args.synthetic_size)
@@ -217,8 +235,7 @@ def make_batches(args, cfg, rank, world, device, gen):
         idx = list(sampler)[start * local: steps * local]
         if args.dataset == "imagefolder":
             keys[:] = [(epoch, i) for i in idx]
-            for x, _ in loader:
-                yield x.to(device, non_blocking=True)
+            yield from folder_batches(loader, device)
             return
         idx = torch.tensor(idx, device=device)
         for k in range(steps - start):
@@ -273,169 +290,13 @@ def train_step(net, model, opt, scaler, imgs, ids_keep, ids_mask, amp_dtype, cli
     return loss.detach()
 
 
-def flops_per_image(cfg, plain=False):
-    """Matmul FLOPs of one training image (backward = 2 x forward, but none for the pixels),
-    counted from the architecture: patch embedding, attention projections, QK^T and AV, MLP,
-    head. Norms, softmax, GELU, the HOG and the optimizer are left out (not matmuls).
-    plain=True: the plain ViT step of plain_vit_loss."""
-    D, P, N, Nm = cfg.dim, cfg.num_proxies, cfg.num_patches, cfg.num_masked
-    Nv, mlp = N - Nm, 2 * cfg.mlp_ratio * D * D              # MLP weights: D*rD + rD*D
-
-    def block(lq, lk):                                       # lq queries over lk keys/values
-        return 2 * (lq * D * D + lk * 2 * D * D + lq * D * D + lq * mlp) + 4 * lq * lk * D
-
-    embed = 2 * N * cfg.patch_size ** 2 * 3 * D
-    fwd = embed + 2 * (N if plain else Nm) * D * cfg.target_dim
-    if plain:
-        fwd += cfg.depth * block(P + N, P + N)
-    elif cfg.baseline:
-        fwd += cfg.depth * block(P + Nv + Nm, P + Nv + Nm)
-    else:
-        fwd += cfg.depth * (block(P + Nv, P + Nv) + block(Nm, P + Nm))
-    return 3 * fwd - embed                                   # no gradient for the input pixels
-
-
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}  # --amp -> dtype
 
 
-def synchronizer(device):
-    """A function that waits for the device's queued work (nothing to wait for on CPU)."""
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def resolve_amp(amp, device):
+    """--amp auto -> bf16 on a GPU, none on a CPU; any other choice stays."""
+    return ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
 
-
-def matmul_peak(device, dtype, n=None, repeats=5):
-    """The machine's peak FLOP/s: the fastest of `repeats` large square matmuls of this dtype
-    (the best, not the median, so that a fraction of it is never flattered by a slow run);
-    n = 4096 on CPU, 8192 on a GPU (a 4096 product is too short to fill an H100)."""
-    n = n or (8192 if device.type == "cuda" else 4096)
-    sync = synchronizer(device)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times)
-
-
-def plain_vit_loss(model, imgs):
-    """A plain ViT training objective of (nearly) the same FLOPs as SemanticMIM's, for --bench:
-    the main stack on [PROXY; all N patches], the head on every patch; no masks, no gathers."""
-    patches = model.features(imgs)[1]                       # (B, N, D)
-    return F.mse_loss(model.head(model.norm(patches)).float(), model.target(imgs))
-
-
-def bench_step(args, cfg, plain, device):
-    """A training step of the model of cfg (plain: plain_vit_loss) on fixed random images,
-    warmed up (and compiled); returns (step function, GiB of memory it took)."""
-    amp_dtype = AMP_DTYPES[args.amp]
-    torch.manual_seed(args.seed)
-    cuda = device.type == "cuda"
-    before = torch.cuda.memory_allocated(device) if cuda else 0
-    model = sm.SemanticMIM(cfg).to(device)
-    net = (lambda imgs, keep, mask: plain_vit_loss(model, imgs)) if plain else model
-    net = torch.compile(net) if args.compile else net
-    opt = make_optimizer(model, 1e-4, args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    gen = torch.Generator(device=device)
-    gen.manual_seed(args.seed)
-    imgs = torch.randn(args.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
-
-    def step():
-        keep, mask = sm.random_masking(args.batch_size, cfg.num_patches, cfg.num_masked, gen,
-                                       device, cfg.independent_mask)
-        return train_step(net, model, opt, scaler, imgs, keep, mask, amp_dtype, args.clip)
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(3):                                      # warm-up (and compilation)
-        step()
-    synchronizer(device)()
-    mem = (torch.cuda.max_memory_allocated(device) - before if cuda else  # this model's own
-           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)     # the whole process
-    return step, mem / 2 ** 30
-
-
-def bench(args, cfg, device, repeats=5, steps=5):
-    """Times the training step (masking, targets, forward, backward, AdamW; no data loading) of
-    SemanticMIM, its baseline and a plain ViT on the same tokens (plain_vit_loss): images/s
-    (median of `repeats` timings of `steps` steps, the models taking turns so that a machine
-    whose speed drifts slows them alike), model FLOP/s and its fraction of the matmul peak of the
-    same dtype, measured before and after the models (the higher of the two, so that a slow
-    moment never flatters the fraction), peak memory. SemanticMIM's FLOP/s against the plain
-    ViT's is what its two-stream bookkeeping (gathers, concatenations, short sequences) costs."""
-    amp_dtype = AMP_DTYPES[args.amp]
-    sync = synchronizer(device)
-    peaks = [matmul_peak(device, amp_dtype or torch.float32)]
-    models = {name: (replace(cfg, baseline=baseline), plain)
-              for name, baseline, plain in (("SemanticMIM", False, False),
-                                            ("baseline", True, False), ("plain ViT", True, True))}
-    stepper, memory, times = {}, {}, {name: [] for name in models}
-    for name, (c, plain) in models.items():
-        stepper[name], memory[name] = bench_step(args, c, plain, device)
-    for _ in range(repeats):
-        for name in models:
-            sync()
-            t = time.perf_counter()
-            for _ in range(steps):
-                stepper[name]()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    results = {}
-    for name, (c, plain) in models.items():
-        ips = statistics.median(steps * args.batch_size / t for t in times[name])
-        per_img = flops_per_image(c, plain)
-        results[name] = {"img_per_s": ips, "gflop_per_img": per_img / 1e9,
-                         "tflop_per_s": per_img * ips / 1e12, "memory_gib": memory[name]}
-    peaks.append(matmul_peak(device, amp_dtype or torch.float32))
-    peak = max(peaks)
-    print(f"matmul peak ({args.amp}, {device}, {torch.get_num_threads()} threads): "
-          f"{peak / 1e9:.1f} GFLOP/s (before the models {peaks[0] / 1e9:.1f}, after "
-          f"{peaks[1] / 1e9:.1f})")
-    for name, r in results.items():
-        r["peak_fraction"] = r["tflop_per_s"] * 1e12 / peak
-        print(f"{name:12s} {r['img_per_s']:8.1f} img/s  {r['gflop_per_img']:.3f} GFLOP/img  "
-              f"{r['tflop_per_s'] * 1e3:.1f} GFLOP/s = {100 * r['peak_fraction']:.0f}% of peak  "
-              f"{'peak allocated by it' if device.type == 'cuda' else 'peak RSS (process)'} "
-              f"{r['memory_gib']:.2f} GiB  (median of {repeats} x {steps} steps, batch "
-              f"{args.batch_size}, compile {args.compile})", flush=True)
-    ratio = results["SemanticMIM"]["tflop_per_s"] / results["plain ViT"]["tflop_per_s"]
-    print(f"SemanticMIM runs at {100 * ratio:.0f}% of the plain ViT's FLOP/s: its two-stream "
-          f"bookkeeping costs {100 * (1 - ratio):.0f}%")
-    if "dataset" in args.given:                             # --bench --dataset X: the loader too
-        ips, step_ips = bench_loader(args, cfg, device), results["SemanticMIM"]["img_per_s"]
-        where = (f"{args.workers} worker process(es)" if args.dataset == "imagefolder" else
-                 f"in memory, augmented on {device}")
-        results["loader"] = {"img_per_s": ips, "times_step": ips / step_ips}
-        print(f"loader ({args.dataset}, {where}): {ips:.1f} img/s alone = {ips / step_ips:.1f} x "
-              f"SemanticMIM's {step_ips:.1f} img/s: "
-              + ("it keeps up" if ips > step_ips else "THE LOADER IS THE BOTTLENECK"), flush=True)
-    print("command: python " + " ".join(sys.argv))
-    return results
-
-
-def bench_loader(args, cfg, device, batches=20):
-    """Images/s of the training data of --dataset alone: reading, augmentation, normalisation,
-    transfer to the device, as train.py feeds it; timed after the first batch (worker start)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(args.seed)
-    steps, batches_of = make_batches(args, cfg, 0, 1, device, gen)
-    if steps < 2:
-        raise SystemExit(f"error: the loader benchmark needs 2 batches of {args.batch_size} "
-                         f"images but {args.dataset} gives {steps}: lower --batch-size")
-    n, sync, it = min(batches, steps - 1), synchronizer(device), batches_of(0, 0)
-    next(it)
-    sync()
-    t = time.perf_counter()
-    for _ in range(n):
-        next(it)
-    sync()
-    seconds = time.perf_counter() - t
-    it.close()
-    return n * args.batch_size / seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,9 +306,45 @@ def bench_loader(args, cfg, device, batches=20):
 # the rate of the README's Fashion-MNIST results; at 2e-4 one epoch of the cifar preset left the
 # attention uniform (mean distance 4.15 patches on the 8x8 grid, where uniform gives 4.17).
 BLR = {"cifar": 1e-3, "vit_b16": 2e-4}
+
+
+def number(kind, low, high=math.inf, open_low=False, open_high=False):
+    """An argparse type: a finite int or float (kind) in [low, high], an end left out when open;
+    anything else is refused with one line naming the flag (argparse adds it), the value and the
+    allowed range. probe.py and visualize.py use the same types."""
+    what = "an integer" if kind is int else "a number"
+    allowed = (f"{what} {'>' if open_low else '>='} {low}" if high == math.inf else
+               f"{what} in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        inside = (math.isfinite(value) and (value > low if open_low else value >= low)
+                  and (value < high if open_high else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be {allowed}")
+        return value
+    return parse
+
+
+COUNT, NATURAL = number(int, 1), number(int, 0)             # >= 1; >= 0
+POSITIVE, NONNEGATIVE = number(float, 0, open_low=True), number(float, 0)
+FRACTION = number(float, 0, 1, open_low=True)               # (0, 1]
+
+
+def one_line_errors(parser):
+    """Argparse errors as one line on stderr (exit 2), without the usage block."""
+    def error(message):
+        parser.exit(2, f"error: {message} (see {parser.prog} --help)\n")
+    parser.error = error
+    return parser
+
+
 ARCH_FLAGS = tuple(f.name for f in fields(sm.Config))  # each has a flag, None = the preset's
 RUNTIME_FLAGS = {"out", "resume", "data", "device", "workers", "compile", "log_every",
-                 "ckpt_every", "stop_at", "bench"}  # may change on --resume; all others define the run
+                 "ckpt_every", "ckpt_minutes", "stop_at"}  # may change on --resume; all others define the run
 
 
 def build_parser():
@@ -458,50 +355,54 @@ def build_parser():
                    help="default: imagefolder when --data is given, else cifar10")
     a.add_argument("--data", default=None, help="data root (default ./data); for imagefolder "
                    "the folder, or its parent holding train/")
-    a.add_argument("--synthetic-size", type=int, default=1024, help="images of --dataset synthetic")
-    a.add_argument("--min-crop", type=float, default=0.5, help="RandomResizedCrop minimum scale")
-    a.add_argument("--workers", type=int, default=8, help="DataLoader workers (image folders)")
+    a.add_argument("--synthetic-size", type=COUNT, default=1024,
+                   help="images of --dataset synthetic")
+    a.add_argument("--min-crop", type=FRACTION, default=0.5,
+                   help="RandomResizedCrop minimum scale")
+    a.add_argument("--workers", type=NATURAL, default=8, help="DataLoader workers (image folders)")
     m = p.add_argument_group("model (a preset, then any override)")
     m.add_argument("--preset", choices=sorted(sm.PRESETS), default=None,
                    help="default: vit_b16 for imagefolder, else cifar")
-    m.add_argument("--img-size", type=int)
-    m.add_argument("--patch-size", type=int)
-    m.add_argument("--dim", type=int)
-    m.add_argument("--depth", type=int)
-    m.add_argument("--heads", type=int)
-    m.add_argument("--mlp-ratio", type=float)
-    m.add_argument("--num-proxies", type=int, help="P")
-    m.add_argument("--mask-ratio", type=float)
+    m.add_argument("--img-size", type=COUNT)
+    m.add_argument("--patch-size", type=COUNT)
+    m.add_argument("--dim", type=COUNT)
+    m.add_argument("--depth", type=COUNT)
+    m.add_argument("--heads", type=COUNT)
+    m.add_argument("--mlp-ratio", type=POSITIVE)
+    m.add_argument("--num-proxies", type=NATURAL, help="P")
+    m.add_argument("--mask-ratio", type=number(float, 0, 1, open_low=True, open_high=True))
     m.add_argument("--target", choices=("hog", "pixel"))
     m.add_argument("--baseline", action="store_true", default=None,
                    help="the paper's one-stream MIM comparison (no proxy bottleneck)")
     m.add_argument("--independent-mask", action="store_true", default=None,
                    help="draw the [MASK]/target set independently of the visible set")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=1)
-    o.add_argument("--batch-size", type=int, default=256, help="global batch over all processes")
-    o.add_argument("--blr", type=float, default=None, help="lr per 256 images: "
+    o.add_argument("--epochs", type=COUNT, default=1)
+    o.add_argument("--batch-size", type=COUNT, default=256,
+                   help="global batch over all processes")
+    o.add_argument("--blr", type=POSITIVE, default=None, help="lr per 256 images: "
                    "lr = blr * batch-size / 256; default: the preset's (BLR)")
-    o.add_argument("--min-lr", type=float, default=1e-6)
-    o.add_argument("--warmup-epochs", type=float, default=None, help="default: 10%% of --epochs")
-    o.add_argument("--weight-decay", type=float, default=0.05)
-    o.add_argument("--clip", type=float, default=0.02, help="gradient-norm clip (0: off)")
-    o.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
-                   help="autocast dtype; fp16 uses a GradScaler")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--min-lr", type=NONNEGATIVE, default=1e-6)
+    o.add_argument("--warmup-epochs", type=NONNEGATIVE, default=None,
+                   help="default: 10%% of --epochs")
+    o.add_argument("--weight-decay", type=NONNEGATIVE, default=0.05)
+    o.add_argument("--clip", type=NONNEGATIVE, default=0.02, help="gradient-norm clip (0: off)")
+    o.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                   help="autocast dtype; fp16 uses a GradScaler; auto: bf16 on a GPU, none on a "
+                   "CPU (a CPU without bf16 instructions runs bf16 autocast ~10x slower)")
+    o.add_argument("--seed", type=NATURAL, default=0)
     r = p.add_argument_group("run")
     r.add_argument("--out", default="out", help="folder for checkpoint.pt and log.jsonl")
     r.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
-    r.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
-    r.add_argument("--stop-at", type=int, default=None, help="save and exit after this step "
+    r.add_argument("--log-every", type=COUNT, default=20, help="steps between progress lines")
+    r.add_argument("--ckpt-every", type=COUNT, default=500, help="steps between checkpoints")
+    r.add_argument("--ckpt-minutes", type=NONNEGATIVE, default=5, help="also save at the first "
+                   "progress line this many minutes after the last save (0: off)")
+    r.add_argument("--stop-at", type=COUNT, default=None, help="save and exit after this step "
                    "(to split a run into jobs; --resume continues it)")
-    r.add_argument("--bench", action="store_true", help="time the training step of SemanticMIM, "
-                   "its baseline and a plain ViT on random images (and, with --dataset, the "
-                   "loader alone), print images/s, and exit")
-    return p
+    return one_line_errors(p)
 
 
 def parse_args(argv=None):
@@ -552,6 +453,9 @@ def merge_resumed_args(args, saved):
 # --------------------------------------------------------------------------------------------
 # Checkpoints: written atomically, with everything needed to continue bit for bit
 # --------------------------------------------------------------------------------------------
+TRAINING_STATE = ("config", "model", "optimizer", "scaler", "rng", "step", "args")  # --resume
+
+
 def save_checkpoint(path, **state):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
     tmp = path + ".tmp"
@@ -573,14 +477,19 @@ def set_rng_state(state, gen, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def print_next_steps(ckpt_path, world=1):
+    """The last lines of a finished run: its checkpoint and the commands to run on it next."""
+    path = shlex.quote(ckpt_path)
+    launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+    print(f"checkpoint: {ckpt_path}\nnext:\n  {launcher} probe.py {path}\n"
+          f"  python visualize.py {path}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    if args.bench:
-        device = setup_distributed(args.device)[2]
-        return bench(args, build_config(args), device)
     rank, world, device = setup_distributed(args.device)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     log_path = os.path.join(args.out, "log.jsonl")
@@ -588,14 +497,18 @@ def main(argv=None):
     if args.resume:
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"error: --resume but no checkpoint at {ckpt_path}: check --out")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = sm.read_checkpoint(ckpt_path, needs=TRAINING_STATE)
+            cfg = sm.config_from_dict(ckpt["config"])
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         args = merge_resumed_args(args, ckpt["args"])
-        cfg = sm.config_from_dict(ckpt["config"])
     else:
         if os.path.exists(ckpt_path):
             raise SystemExit(f"error: {ckpt_path} exists: pass --resume to continue that run, "
                              f"or choose another --out")
         cfg = build_config(args)
+    args.amp = resolve_amp(args.amp, device)
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the "
                          f"{world} processes")
@@ -612,10 +525,14 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step = 0
     if ckpt is not None:
-        sm.load_weights(model, ckpt["model"], ckpt["config"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"], gen, device)
+        try:
+            sm.load_weights(model, ckpt["model"], ckpt["config"])
+            opt.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"], gen, device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"error: {ckpt_path} could not be resumed "
+                             f"({' '.join(str(e).split())[:300]})") from None
         step = ckpt["step"]
     net = model
     if world > 1:
@@ -641,6 +558,10 @@ def main(argv=None):
                 kept = [ln for ln in f if json.loads(ln)["step"] <= step]
             with open(log_path, "w") as f:
                 f.writelines(kept)
+        elif ckpt is None and os.path.exists(log_path):     # a run that died before saving
+            print(f"note: {log_path} holds an earlier run that wrote no checkpoint: "
+                  f"starting a new log", flush=True)
+            os.remove(log_path)
         print(f"{'resuming' if ckpt else 'training'} {'baseline' if cfg.baseline else 'SemanticMIM'}"
               f" {asdict(cfg)} on {args.dataset}: {world} process(es) on {device}, "
               f"{steps_per_epoch} steps/epoch, {total} steps, lr {peak_lr:.3g}, "
@@ -648,11 +569,13 @@ def main(argv=None):
     if step >= total:
         if rank == 0:
             print(f"nothing to do: the run in {args.out} is complete ({step}/{total} steps)")
+            print_next_steps(ckpt_path)
         return model
 
     rows = slice(rank, None, world)
     loss_sum, loss_n, t0, step0 = torch.zeros((), device=device), 0, time.time(), step
     last_good = step if ckpt is not None else None
+    saved_at = time.time()                                  # for --ckpt-minutes
     signals = []  # SIGTERM (a scheduler's pre-emption) or SIGINT (Ctrl-C): save, then exit
 
     def on_signal(num, frame):
@@ -682,9 +605,10 @@ def main(argv=None):
                 stop = step == total or step == args.stop_at
                 save = stop or step % args.ckpt_every == 0
                 if save or step % args.log_every == 0:
-                    flag = torch.tensor(float(bool(signals)), device=device)
-                    mean_loss, signalled = all_mean(torch.stack([loss_sum / loss_n, flag]),
-                                                    world).tolist()
+                    due = 0 < args.ckpt_minutes <= (time.time() - saved_at) / 60
+                    flags = torch.tensor([float(bool(signals)), float(due)], device=device)
+                    mean_loss, signalled, due = all_mean(  # every rank decides alike
+                        torch.cat([(loss_sum / loss_n).view(1), flags]), world).tolist()
                     if not math.isfinite(mean_loss):
                         kept = (f"the last good checkpoint {ckpt_path} (step {last_good}) is "
                                 f"intact" if last_good is not None else "no checkpoint was written")
@@ -693,6 +617,7 @@ def main(argv=None):
                                          f"lower --blr, --amp none, or check the data")
                     if signalled:
                         stop = save = True
+                    save = save or due > 0
                     dt = time.time() - t0
                     ips = (step - step0) * args.batch_size / dt
                     eta = (total - step) * dt / (step - step0)
@@ -707,7 +632,7 @@ def main(argv=None):
                     loss_n, t0, step0 = 0, time.time(), step
                 if save:
                     checkpoint()
-                    last_good = step
+                    last_good, saved_at = step, time.time()
                 if stop:
                     break
             if stop and step < total:
@@ -717,6 +642,8 @@ def main(argv=None):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+    if rank == 0 and step == total:
+        print_next_steps(ckpt_path, world)
     if world > 1:
         dist.destroy_process_group()
     return model

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 DATA=${DATA:-data}
 COMMON=(--dataset fashion_mnist --data "$DATA" --dim 128 --depth 4 --heads 4 --batch-size 256
-        --blr 1e-3 --epochs 4 --log-every 50)
+        --blr 1e-3 --amp none --epochs 2 --log-every 50)   # the cifar preset's defaults, 2 epochs
 declare -A MODEL=([semantic]="" [baseline]="--baseline"
                   [maskfeat]="--baseline --num-proxies 1 --mask-ratio 0.4")
 mkdir -p runs docs/figures
@@ -26,14 +26,20 @@ train() {  # train OUT ARGS...: a new run, or the rest of an existing one
 run_of() {  # run_of NAME SEED -> runs/fmnist_NAME[_s1]
   echo "runs/fmnist_$1$([ "$2" = 0 ] || echo "_s$2")"
 }
-lane() {  # lane NAME:SEED ...: these runs one after another
-  for job in "$@"; do
+lane() {  # lane NAME:SEED ...: train each run, then probe it: linear and kNN of the patch mean
+  for job in "$@"; do  # and the proxy mean at every main block (the raw pixels once)
+    local run rows=checkpoint
+    run=$(run_of "${job%:*}" "${job#*:}")
+    [ "$job" = semantic:0 ] && rows="checkpoint pixels"
     # shellcheck disable=SC2086
-    train "$(run_of "${job%:*}" "${job#*:}")" "${COMMON[@]}" --seed "${job#*:}" ${MODEL[${job%:*}]}
+    train "$run" "${COMMON[@]}" --seed "${job#*:}" ${MODEL[${job%:*}]}
+    # shellcheck disable=SC2086
+    [ -f "$run/probe_patch-proxy_Lall.json" ] || python probe.py "$run/checkpoint.pt" \
+      --pool patch proxy --layer all --rows $rows > "$run.probe.txt" 2>&1
   done
 }
 
-# 1. Pre-training: 4 epochs (936 steps) each, six runs in two lanes
+# 1. Pre-training and probes: 2 epochs (468 steps) each, six runs in two lanes
 lane semantic:0 maskfeat:0 baseline:1 &
 lane baseline:0 semantic:1 maskfeat:1 &
 wait

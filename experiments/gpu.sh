@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's GPU measurement, one prepared script for one GPU (about 5-8 minutes on an H100):
-#   1. train.py --bench of the ViT-B/16 224 preset in bf16, eager and with torch.compile:
+#   1. experiments/bench.py: the ViT-B/16 224 preset in bf16, eager and with torch.compile:
 #      SemanticMIM, its baseline and a plain ViT of the same tokens; images/s, FLOP/s as a
 #      fraction of the bf16 matmul peak measured in the same run, peak memory.
 #   2. the CUDA training path end to end on synthetic data: a run stopped at step 6 and
@@ -15,9 +15,9 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/card.txt"
 
-BENCH=(--bench --preset vit_b16 --amp bf16 --batch-size "$BATCH" --device cuda)
-python train.py "${BENCH[@]}" 2>&1 | tee "$OUT/bench_eager.txt"
-python train.py "${BENCH[@]}" --compile 2>&1 | tee "$OUT/bench_compile.txt"
+BENCH=(--preset vit_b16 --amp bf16 --batch-size "$BATCH" --device cuda)
+python experiments/bench.py "${BENCH[@]}" 2>&1 | tee "$OUT/bench_eager.txt"
+python experiments/bench.py "${BENCH[@]}" --compile 2>&1 | tee "$OUT/bench_compile.txt"
 
 RUN=(--dataset synthetic --synthetic-size 2048 --preset cifar --batch-size 256 --epochs 2
      --device cuda --log-every 4)

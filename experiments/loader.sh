@@ -4,7 +4,7 @@
 #   2. an image folder of 32 px PNGs (CIFAR-sized files), the `cifar` preset, 2 workers;
 #   3. an image folder of 500x375 JPEGs (ImageNet's typical size, quality 90), the `vit_b16`
 #      preset at 224 px, 2 workers.
-# Each is `train.py --bench --dataset ...`: the training step of the three models, then the
+# Each is `experiments/bench.py --dataset ...`: the training step of the three models, then the
 # loader alone, and its rate against SemanticMIM's step. Needs data/FashionMNIST/raw/ (README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +28,9 @@ for out, n, size, ext in (("runs/folder_png32", 2560, (32, 32), "png"),
         rgb.resize(size, Image.BICUBIC).save(os.path.join(d, f"{i}.{ext}"), quality=90)
     print(f"wrote {n} images of {size[0]}x{size[1]} to {out}")
 EOF
-python train.py --bench --amp none --batch-size 128 --dataset fashion_mnist --data "$DATA" \
+python experiments/bench.py --amp none --batch-size 128 --dataset fashion_mnist --data "$DATA" \
   | tee runs/loader_memory.txt
-python train.py --bench --amp none --batch-size 128 --dataset imagefolder \
+python experiments/bench.py --amp none --batch-size 128 --dataset imagefolder \
   --data runs/folder_png32 --preset cifar --workers 2 | tee runs/loader_png32.txt
-python train.py --bench --amp none --batch-size 8 --dataset imagefolder \
+python experiments/bench.py --amp none --batch-size 8 --dataset imagefolder \
   --data runs/folder_jpeg500 --workers 2 | tee runs/loader_jpeg500.txt

@@ -1,11 +1,11 @@
-"""Where the time of one training step goes: torch.profiler over 5 steps of --bench's step.
+"""Where the time of one training step goes: torch.profiler over 5 steps of bench.py's step.
 
     python experiments/profile_step.py --batch-size 128 --amp none     # cifar preset, fp32
     python experiments/profile_step.py --baseline --amp bf16            # any train.py model flag
 
 Prints the busiest operators, the share of the operator time spent in matrix products, and the
 rate those products reach (profiled) against the large-matmul peak of the same dtype, measured
-before and after as in --bench: what the model's own matrix sizes allow on this machine.
+before and after as in bench.py: what the model's own matrix sizes allow on this machine.
 """
 import os
 import sys
@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import bench  # noqa: E402  experiments/bench.py
 import train  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -23,15 +24,15 @@ def main(steps=5):
     args = train.parse_args()
     device = train.setup_distributed(args.device)[2]
     cfg = train.build_config(args)
-    step = train.bench_step(args, cfg, False, device)[0]
+    step = bench.bench_step(args, cfg, False, device)[0]
     dtype = train.AMP_DTYPES[args.amp] or torch.float32
-    peak = train.matmul_peak(device, dtype)                 # and again after: the higher counts
+    peak = bench.matmul_peak(device, dtype)                 # and again after: the higher counts
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, with_flops=True) as prof:
         for _ in range(steps):
             step()
-        train.synchronizer(device)()
+        bench.synchronizer(device)()
     events = prof.key_averages()
     own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
@@ -39,7 +40,7 @@ def main(steps=5):
     total = sum(own(e) for e in events)                                  # microseconds
     mm_time = sum(own(e) for e in events if e.key in MATMULS)
     mm_flops = sum(e.flops for e in events if e.key in MATMULS)
-    peak = max(peak, train.matmul_peak(device, dtype))
+    peak = max(peak, bench.matmul_peak(device, dtype))
     rate = mm_flops / (mm_time / 1e6)
     print(f"{'baseline' if cfg.baseline else 'SemanticMIM'} ({args.preset} preset) batch "
           f"{args.batch_size}, --amp {args.amp}, {device} ({torch.get_num_threads()} threads), "
