@@ -4,17 +4,23 @@ The checkpoint is probed beside the same network with its random initial weights
 
     python probe.py out/checkpoint.pt                    # its own data set, last block, patch mean
     python probe.py out/checkpoint.pt --pool both --layer 4
+    python probe.py out/checkpoint.pt --pool patch proxy --layer all --rows checkpoint
     python probe.py out/checkpoint.pt --dataset fashion_mnist --data data
     torchrun --nproc_per_node=8 probe.py run/checkpoint.pt --augmented --rows checkpoint random
-        # the authors' protocol (PAPER.md §6) on ImageNet; raw pixels at 224 px: too big to store
+        # the authors' protocol on ImageNet; raw pixels at 224 px: too big to store
 
-Feature (authors'): parameter-free LayerNorm of the mean of block `--layer`'s patch tokens
-(`--pool proxy`: of the proxy tokens; `--pool both`: the two, each so normalised, concatenated).
+The settings follow the authors' configs/maskfeat/maskfeat_cls_linear_probing.py
+(github.com/yyk-wew/SemanticMIM). Feature: the parameter-free LayerNorm of the mean of a main
+block's patch tokens (`--pool proxy`: of its proxy tokens, which for the authors' MaskFeat
+baseline settings is their single [CLS]; `--pool both`: the two, each so normalised,
+concatenated). Several pools and blocks (`--layer all`) are probed from one pass over the images.
 By default the features are extracted once, without augmentation, and the linear classifier
-(AdamW, cosine, lr 4e-3, wd 1e-4, batch 1024, as the authors) trains on the stored features: a
-CIFAR-size probe takes minutes on a CPU. --augmented recomputes the training features every
-epoch from RandomResizedCrop + flip images instead. kNN (DINO's eval_knn: cosine similarity, the
-k = 20 nearest vote with weights exp(sim / 0.07)) always uses the stored, un-augmented features.
+(AdamW, cosine, lr 4e-3, wd 1e-4, batch 1024, 100 epochs, as the authors) trains on the stored
+features: a CIFAR-size probe takes minutes on a CPU. --augmented recomputes the training features
+every epoch from RandomResizedCrop + flip images instead, as the authors do on ImageNet. kNN
+(DINO's eval_knn: cosine similarity, the k = 20 nearest vote with weights exp(sim / 0.07)) always
+uses the stored, un-augmented features. Progress lines (images done, images/s, ETA; classifier
+epochs) appear about every 10 s on rank 0.
 Under torchrun every process extracts a contiguous shard of the images; the gathered features
 are in data-set order and the classifiers run on rank 0. The table is also written as JSON next
 to the checkpoint.
@@ -31,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import data
 import semanticmim as sm
 import train
 
@@ -50,17 +57,17 @@ def load_split(args, size, train_split, rank, world, device):
     rank's shard in order as normalised images (B, 3, size, size) on the device. With augment,
     RandomResizedCrop + flip drawn from (seed, epoch, image index) alone, so that the same images
     come out whatever the number of processes."""
-    mean, std = train.MEAN_STD[args.dataset]
+    mean, std = data.MEAN_STD[args.dataset]
     if args.dataset == "imagefolder":
-        root = train.find_image_folder(args.data, "train" if train_split else "val")
+        root = data.find_image_folder(args.data, "train" if train_split else "val")
         if not all(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val")):
             raise SystemExit(f"error: the probe needs a held-out split: {args.data}/train and "
                              f"{args.data}/val, each with one sub-folder of images per class")
-        plain, aug = (train.SeededFolder(root, train.folder_transform(
+        plain, aug = (data.SeededFolder(root, data.folder_transform(
             size, augment, mean, std, args.min_crop), args.seed) for augment in (False, True))
         labels, num_classes = torch.tensor(plain.folder.targets), len(plain.folder.classes)
     else:
-        images, labels = train.load_memory_dataset(args.dataset, args.data, train_split, size,
+        images, labels = data.load_memory_dataset(args.dataset, args.data, train_split, size,
                                                    args.synthetic_size)  # (n, C, h, w) uint8
         num_classes = int(labels.max()) + 1
     n = len(labels)
@@ -73,8 +80,8 @@ def load_split(args, size, train_split, rank, world, device):
             loader = DataLoader(aug if augment else plain, batch_size=args.batch_size,
                                 sampler=[(epoch, i) for i in part], num_workers=args.workers,
                                 pin_memory=device.type == "cuda",
-                                collate_fn=train.collate_images)
-            yield from train.folder_batches(loader, device)  # (B, 3, S, S) each
+                                collate_fn=data.collate_images)
+            yield from data.folder_batches(loader, device)  # (B, 3, S, S) each
             return
         if augment:
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
@@ -83,8 +90,8 @@ def load_split(args, size, train_split, rank, world, device):
             e = min(s + args.batch_size, part.stop)
             x = images[s:e].to(device)                      # (B, C, h, w) uint8
             if augment:
-                x = train.augment(x, size, r[s:e].to(device), args.min_crop)  # (B, C, S, S)
-            yield train.to_model_input(x, size, mean, std)  # (B, 3, S, S)
+                x = data.augment(x, size, r[s:e].to(device), args.min_crop)  # (B, C, S, S)
+            yield data.to_model_input(x, size, mean, std)  # (B, 3, S, S)
 
     return labels, num_classes, batches
 
@@ -247,10 +254,10 @@ def layer_arg(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="probe.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint.pt written by train.py")
-    p.add_argument("--dataset", choices=train.DATASETS, default=None,
+    p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="None: the checkpoint's own")
     p.add_argument("--data", default=None, help="data root (None: the checkpoint's own); for "
                    "imagefolder the folder holding train/ and val/")
@@ -367,15 +374,15 @@ def main(argv=None):
     results = []
     for key, (tr, te) in features.items():                 # (n, F), (m, F)
         name, pool, layer = key
+        label = ROWS[name] if name == "pixels" else f"{ROWS[name]} {pool} L{layer}"
         if not args.augmented:
             linear[key] = linear_probe(lambda e: tr, train_y, te, test_y, num_classes,
                                        args.epochs, args.lr, args.weight_decay,
                                        args.probe_batch_size, args.seed,
-                                       what=f"linear probe, {ROWS[name]} {pool} L{layer}")
+                                       what=f"linear probe, {label}")
         knn = knn_accuracy(tr, train_y, te, test_y, num_classes, args.k, args.temperature)
         results.append({"row": ROWS[name], "linear_top1": linear[key], "knn_top1": knn,
                         "dims": tr.shape[1], "pool": pool, "layer": layer})
-        label = ROWS[name] if name == "pixels" else f"{ROWS[name]} {pool} L{layer}"
         print(f"{label}: linear {100 * linear[key]:.2f}%  kNN "
               f"{100 * knn:.2f}%  ({tr.shape[1]} dims, {time.time() - t0:.0f} s)", flush=True)
 

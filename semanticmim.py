@@ -1,17 +1,49 @@
 """SemanticMIM (Yuan, Dou, Guo, Li, arXiv 2406.10673) in one file of plain PyTorch.
 
-Visible image patches ([IMG]) are compressed into P learnable [PROXY] tokens by the main
-transformer stack; the masked patches ([MASK]) are reconstructed by a second stack that reads
-the proxies and never the image tokens. The only loss is the usual masked-image-modeling loss
-on the [MASK] outputs: the architecture is the method.
+The idea. Contrastive learning *compresses* a whole image into one vector: semantic, but blind to
+where things are. Masked image modeling (MIM) *reconstructs* masked patches from the visible ones:
+it keeps positions, but a patch can be predicted by copying its neighbours, so the features stay
+local and weakly semantic. SemanticMIM chains the two phases named in the paper's abstract:
 
-Sections follow the paper (see ../shared/PAPER.md, the spec of this file):
-  1. Config and presets                      (PAPER.md §6)
-  2. Patches and masking                      (§2, §4)
-  3. Attention and the pre-norm block         (§3)
-  4. The model: main stack + mask stack       (§2, §3) and the one-stream baseline
-  5. Targets: HOG and normalised pixels       (§5)
-  6. Checkpoints: config saved, mismatch refused (§8)
+  compression     the visible image patches ([IMG] tokens) and P learnable [PROXY] tokens go
+                  through the main transformer stack together, so the proxies gather the image;
+  reconstruction  one [MASK] token per masked patch (a shared learned vector plus the patch's
+                  position) goes through a second stack, the mask stack, that attends to the
+                  proxies and to the [MASK] tokens, and never to an [IMG] token.
+
+Everything the loss learns about the image passes the P proxies. There is no contrastive loss, no
+loss on the proxies and no stop-gradient: the only objective is the usual MIM regression on the
+[MASK] outputs (here the HOG of each masked patch, as the authors' MaskFeat variant, or its
+normalised pixels, as MAE). The architecture is the method.
+
+Who attends to whom, at every depth i (SemanticMIM.predict):
+
+    query ↓  key →   [PROXY]                     [IMG]     [MASK]
+    [PROXY], [IMG]   main block i                main i    never
+    [MASK]           mask block i, reading the   never     mask block i
+                     proxies output by main i
+
+Why two stacks and not one transformer with an attention mask: the authors' code
+(maskfeat/maskfeat.py, MaskFeatViTOurs, in github.com/yyk-wew/SemanticMIM) gives the mask stream
+its own weights, and mask block i reads the proxies *after* main block i of the same depth. A
+single shared-weight stack with a block mask would share weights between the streams and let
+mask block i read the proxies *entering* depth i; the tests check that ours does neither.
+After pre-training only the main stack is kept: an ordinary ViT with P extra prefix tokens
+(SemanticMIM.features). The mask stack, the [MASK] token and the head exist for pre-training.
+
+The baseline switch (Config.baseline) is the paper's comparison, plain one-stream MIM with the same
+code: [PROXY; IMG; MASK] go through the main stack with full self-attention, so a [MASK] token may
+copy its visible neighbours, and no mask stack is built. With num_proxies=1 and mask_ratio=0.4 it
+has the settings of the authors' own MaskFeat baseline (configs/maskfeat/maskfeat_baseline_pretrain.py,
+whose one prefix token is a [CLS]).
+
+Sections, in the order of the method:
+  1. Config and presets: every architecture setting, stored in each checkpoint
+  2. Patches and masking: patchify, exactly ceil(N * ratio) masked patches per image
+  3. Attention with separate query and key/value inputs, and the pre-norm block
+  4. The model: the main stack, the mask stack, the baseline, the downstream features
+  5. Targets: HOG and normalised pixels
+  6. Checkpoints: opened by one function; an architecture mismatch is refused
 
 Shapes: B images, N patches, P proxies, Nv visible patches, Nm masked patches, D width,
 H heads, T target dims (108 for HOG with 2x2 cells per patch, p*p*3 for pixels).
@@ -40,7 +72,7 @@ class Config:
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
-    num_proxies: int = 8        # P; the authors' HOG variant uses 8
+    num_proxies: int = 8        # P; 8 in the authors' maskfeat_bottleneck_pretrain.py
     mask_ratio: float = 0.8     # ceil(N * mask_ratio) patches are masked in every image
     target: str = "hog"         # "hog" (the paper's MaskFeat variant) or "pixel" (MAE style)
     baseline: bool = False      # True: the paper's one-stream MIM comparison, no mask stack
@@ -83,7 +115,8 @@ PRESETS = {
     # Small enough for a laptop CPU: 64 patches of 4x4 px, a 4-block stack of width 128 (one
     # Fashion-MNIST epoch in about 25 minutes on one CPU core, fp32).
     "cifar": Config(img_size=32, patch_size=4, dim=128, depth=4, heads=4),
-    # The authors' ViT-B/16 at 224 px (PAPER.md §6).
+    # The authors' ViT-B/16 at 224 px, P 8, mask ratio 0.8
+    # (configs/maskfeat/maskfeat_bottleneck_pretrain.py of github.com/yyk-wew/SemanticMIM).
     "vit_b16": Config(img_size=224, patch_size=16, dim=768, depth=12, heads=12),
 }
 
@@ -111,11 +144,12 @@ def unpatchify(x, p, channels=3):
 
 def random_masking(batch, num_patches, num_masked, generator, device,
                    independent=False, rows=slice(None)):
-    """Uniform random masks with exactly num_masked masked patches per image.
+    """Uniform random masks with exactly num_masked masked patches per image, as the authors'
+    maskfeat/maskfeat.py (ratio 0.8 for SemanticMIM, 0.4 for their MaskFeat baseline).
 
     Returns index tensors ids_keep (B, N - Nm) and ids_mask (B, Nm), each sorted, so that a batch
     has fixed shapes. With independent=True the [MASK]/target set is drawn independently of the
-    visible set (they may overlap). `rows` picks this rank's images out of the noise drawn for the
+    visible set (they may overlap; an option the authors' code has, off in all their configs). `rows` picks this rank's images out of the noise drawn for the
     whole global batch, so every rank draws the same numbers and a run does not depend on how the
     global batch is split over processes.
     """
@@ -170,8 +204,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: x = x + Attn(LN1(x), LN1([ctx; x])); x = x + MLP(LN2(x)).
 
-    ctx=None is ordinary self-attention. As in the authors' code, the block's LN1 normalises
-    both the query and the key/value inputs.
+    ctx=None is ordinary self-attention. As in the authors' maskfeat/maskfeat_backbone.py, the
+    block's LN1 normalises both the query and the key/value inputs. Where they use separate q and
+    kv Linears, one qkv Linear here does the same maths (its q rows on the queries only) and lets
+    self-attention run one fused matmul.
     """
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
@@ -197,7 +233,7 @@ class Block(nn.Module):
 # 4. The model
 # --------------------------------------------------------------------------------------------
 class SemanticMIM(nn.Module):
-    """Main stack over [PROXY; IMG] and mask stack over [MASK] reading [PROXY] (PAPER.md §3).
+    """Main stack over [PROXY; IMG] and mask stack over [MASK] reading [PROXY] (module docstring).
 
     With cfg.baseline the mask stack is not built and [PROXY; IMG; MASK] go through the main
     stack with full self-attention: the paper's plain one-stream MIM comparison.
@@ -219,7 +255,8 @@ class SemanticMIM(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """As the authors': trunc-normal std 0.02 for tokens, positions and Linear weights."""
+        """As the authors' maskfeat/maskfeat.py: trunc-normal std 0.02 for the tokens, the
+        positions and Linear weights; zero biases; LayerNorm eps 1e-6 (set in the layers)."""
         for t in (self.pos_embed, self.proxy, self.mask_token):
             nn.init.trunc_normal_(t, std=0.02)
         for m in self.modules():
@@ -334,7 +371,8 @@ class SemanticMIM(nn.Module):
 # 5. Targets
 # --------------------------------------------------------------------------------------------
 def gaussian_window(size, dtype=torch.float32, device=None):
-    """(size, size) Gaussian window, std = size / 2, centred, normalised to sum 1 (authors')."""
+    """(size, size) Gaussian window, std = size / 2, centred, normalised to sum 1 (as the HOG
+    generator of MMPreTrain's mmpretrain/models/selfsup/maskfeat.py, which the authors use)."""
     n = torch.arange(size, dtype=dtype, device=device)
     n = (n - n.mean()) / (size // 2)
     w = torch.exp(-0.5 * n ** 2)
@@ -343,12 +381,13 @@ def gaussian_window(size, dtype=torch.float32, device=None):
 
 
 def hog_target(imgs, patch_size, nbins=9):
-    """HOG of the (normalised) images as in the authors' MaskFeat code, (B, N, 3*9*2*2).
+    """HOG of the (normalised) images as MMPreTrain's MaskFeat HOG generator
+    (mmpretrain/models/selfsup/maskfeat.py, used by the authors' code), (B, N, 3*9*2*2).
 
-    Generalised from their 224 px / patch 16 to any image size divisible by an even patch size:
-    cells are patch/2 pixels, so each patch has 2x2 cells. Feature order (channel, bin, cell_row,
-    cell_col).
-    """
+    Departure, on purpose: that generator hard-codes a 14x14 patch grid (224 px, patch 16); this
+    one works at any image size divisible by an even patch size (CIFAR: 32 px, patch 4), with
+    cells of patch/2 pixels, so each patch has 2x2 cells (tested at 224/16 and 32/4 against a
+    naive pixel-by-pixel loop). Feature order (channel, bin, cell_row, cell_col)."""
     B, C, H, W = imgs.shape
     p, cell = patch_size, patch_size // 2
     wx = torch.tensor([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=imgs.dtype, device=imgs.device)
@@ -386,6 +425,10 @@ def pixel_target(imgs, patch_size):
 # --------------------------------------------------------------------------------------------
 # 6. Checkpoints: the config travels with the weights, and a mismatch is refused
 # --------------------------------------------------------------------------------------------
+# Departure, on purpose: the authors' downstream configs (configs/maskfeat/maskfeat_cls_ft.py,
+# maskfeat_cls_linear_probing.py) build a 1-proxy model and load the 8-proxy checkpoint
+# non-strictly, so the proxies and position table are silently dropped. Here every architecture
+# setting is stored in the checkpoint, the model is rebuilt from it, and a mismatch is refused.
 def config_from_dict(d):
     known = {f.name for f in fields(Config)}
     unknown = set(d) - known
@@ -430,6 +473,10 @@ def read_checkpoint(path, map_location="cpu", needs=("config", "model")):
     if missing:
         raise ValueError(f"{path} is not a checkpoint written by train.py (no "
                          f"{', '.join(missing)})")
+    try:
+        config_from_dict(ckpt["config"])                   # settings this version knows
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
     return ckpt
 
 
@@ -437,8 +484,8 @@ def load_checkpoint(path, map_location="cpu"):
     """Rebuild the model from a checkpoint written by train.py. Returns (model, checkpoint dict);
     ValueError with one line for any bad file."""
     ckpt = read_checkpoint(path, map_location)
+    model = SemanticMIM(config_from_dict(ckpt["config"]))
     try:
-        model = SemanticMIM(config_from_dict(ckpt["config"]))
         load_weights(model, ckpt["model"], ckpt["config"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path}: {' '.join(str(e).split())[:400]}") from None

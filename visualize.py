@@ -37,8 +37,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+import data  # noqa: E402
 import semanticmim as sm  # noqa: E402
-import train  # noqa: E402
+import train  # noqa: E402  (its checked flag types)
 
 FIGURES = ("query", "reduce_mean", "proxy", "mask_proxy", "recon", "curve", "compare")
 DPI, PANEL = 100, 1.6            # dots per inch, inches per image panel
@@ -51,7 +52,7 @@ def load_model(path):
     """(model in eval mode, checkpoint dict); a one-line SystemExit for a missing or bad file."""
     try:
         model, ckpt = sm.load_checkpoint(path, map_location="cpu")
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     return model.eval(), ckpt
 
@@ -60,7 +61,7 @@ def load_image_files(paths, size):
     """Image files -> raw (B, 3, size, size): resized and centre-cropped as train.py's test
     transform of image folders, not normalised."""
     from PIL import Image
-    to_tensor = train.folder_transform(size, False, (0.0,) * 3, (1.0,) * 3)  # identity Normalize
+    to_tensor = data.folder_transform(size, False, (0.0,) * 3, (1.0,) * 3)  # identity Normalize
     imgs = []
     for path in paths:
         if not os.path.isfile(path):
@@ -77,22 +78,17 @@ def test_split(ckpt_args, size, root=None):
     those images raw, (B, 3, size, size). Small data sets are read once and kept in memory."""
     name, root = ckpt_args["dataset"], root or ckpt_args["data"]
     if name == "imagefolder":
-        import torchvision
-        folder = train.find_image_folder(root, "val")
-        try:
-            ds = torchvision.datasets.ImageFolder(
-                folder, transform=train.folder_transform(size, False, (0.0,) * 3, (1.0,) * 3))
-        except (FileNotFoundError, RuntimeError) as e:
-            raise SystemExit(f"error: {folder} is not an image folder ({e})") from None
-        n, one = len(ds), (lambda i: ds[i][0])
+        ds = data.SeededFolder(data.find_image_folder(root, "val"), data.folder_transform(
+            size, False, (0.0,) * 3, (1.0,) * 3), seed=0)   # the test transform: no randomness
+        n, one = len(ds), (lambda i: data.readable(ds[(0, i)])[0])
     else:
-        images, _ = train.load_memory_dataset(name, root, False, size,
+        images, _ = data.load_memory_dataset(name, root, False, size,
                                               ckpt_args.get("synthetic_size", 1024))
         n, one = len(images), (lambda i: images[i])
 
     def get(indices):
         imgs = torch.stack([one(i) for i in indices])       # (B, C, h, w), uint8 or [0, 1]
-        return train.to_model_input(imgs, size, (0.0,) * 3, (1.0,) * 3)  # (B, 3, size, size)
+        return data.to_model_input(imgs, size, (0.0,) * 3, (1.0,) * 3)  # (B, 3, size, size)
     return n, get
 
 
@@ -108,14 +104,14 @@ def load_dataset_images(ckpt_args, indices, size, root=None):
 
 def normalise(raw, ckpt):
     """Raw images -> model input, with the mean/std of the checkpoint's data set."""
-    mean, std = train.MEAN_STD[ckpt["args"]["dataset"]]
-    return train.to_model_input(raw, raw.shape[-1], mean, std)  # (B, 3, S, S)
+    mean, std = data.MEAN_STD[ckpt["args"]["dataset"]]
+    return data.to_model_input(raw, raw.shape[-1], mean, std)  # (B, 3, S, S)
 
 
 def denormalise(x, ckpt):
     """Model-space images (B, 3, S, S) -> raw [0, 1] images for display."""
     mean, std = (torch.tensor(v).view(1, 3, 1, 1)
-                 for v in train.MEAN_STD[ckpt["args"]["dataset"]])  # (1, 3, 1, 1) each
+                 for v in data.MEAN_STD[ckpt["args"]["dataset"]])  # (1, 3, 1, 1) each
     return (x * std + mean).clamp(0, 1)
 
 
@@ -751,26 +747,13 @@ def figure_stats(results, names, refs, title, out, written):
 STATS_IMAGES = 1000              # default --stats-images
 
 
-def positive_int(flag):
-    """argparse type: a positive integer, else a one-line error naming the flag and the value."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise SystemExit(f"error: {flag} must be a positive integer, got {text}")
-        return value
-    return parse
-
-
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="visualize.py", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="checkpoint.pt written by train.py (put it first: "
                    "--compare takes several paths)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", nargs="+", metavar="FILE", help="image files to show")
-    src.add_argument("--indices", nargs="+", type=int, default=[0, 1, 2],
+    src.add_argument("--indices", nargs="+", type=train.NATURAL, default=[0, 1, 2],
                      help="images of the test split of the checkpoint's data set "
                      "(default: 0 1 2)")
     p.add_argument("--data", default=None, help="data root (default: the checkpoint's --data)")
@@ -793,14 +776,14 @@ def build_parser():
                    "the checkpoint and plotted against depth in attn_stats.png in --out; with "
                    "--compare every model, side by side. Draws no other figure unless --what "
                    "names some")
-    p.add_argument("--stats-images", type=positive_int("--stats-images"), default=None,
+    p.add_argument("--stats-images", type=train.COUNT, default=None,
                    metavar="N", help=f"with --stats: the first N images of the test split "
                    f"(default: {STATS_IMAGES}, or all if it has fewer)")
     p.add_argument("--log", default=None, help="log.jsonl (default: beside the checkpoint)")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: "
                    "<checkpoint folder>/figures)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
-    return p
+    p.add_argument("--seed", type=train.NATURAL, default=0, help="seed of the masks (default: 0)")
+    return train.one_line_errors(p)
 
 
 def load_compare(path, cfg, layers):

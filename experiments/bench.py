@@ -193,7 +193,7 @@ def bench_loader(args, cfg, device, batches=20):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = train.parse_args(argv)
+    args = train.parse_args(argv, prog="experiments/bench.py")
     device = train.setup_distributed(args.device)[2]
     args.amp = train.resolve_amp(args.amp, device)
     results = bench(args, train.build_config(args), device)

@@ -43,3 +43,22 @@ lane() {  # lane NAME:SEED ...: train each run, then probe it: linear and kNN of
 lane semantic:0 maskfeat:0 baseline:1 &
 lane baseline:0 semantic:1 maskfeat:1 &
 wait
+
+# 2. Attention statistics of the three models side by side (visualize.py --stats: 1,000 test
+#    images, every block; attn_stats.json beside the SemanticMIM run, attn_stats.png), and the
+#    patch-query maps of the three on the same test images (seed 0 into docs/figures)
+STATS=(--stats --what compare --indices 0 1 2)
+python visualize.py runs/fmnist_semantic/checkpoint.pt "${STATS[@]}" --out docs/figures \
+  --compare runs/fmnist_baseline/checkpoint.pt runs/fmnist_maskfeat/checkpoint.pt > runs/stats.txt
+python visualize.py runs/fmnist_semantic_s1/checkpoint.pt "${STATS[@]}" --out runs/figures_s1 \
+  --compare runs/fmnist_baseline_s1/checkpoint.pt runs/fmnist_maskfeat_s1/checkpoint.pt \
+  > runs/stats_s1.txt
+python visualize.py runs/fmnist_semantic/checkpoint.pt --out docs/figures \
+  --what query reduce_mean proxy mask_proxy recon curve > runs/figures.txt
+
+# 3. The default laptop run (`python train.py` on Fashion-MNIST: the cifar preset, 1 epoch) and
+#    its attention statistics: does the default learn structure?
+train runs/default --dataset fashion_mnist --data "$DATA" --log-every 50
+python visualize.py runs/default/checkpoint.pt --stats > runs/stats_default.txt
+
+python experiments/summarize.py | tee runs/summary.md

@@ -28,9 +28,11 @@ for out, n, size, ext in (("runs/folder_png32", 2560, (32, 32), "png"),
         rgb.resize(size, Image.BICUBIC).save(os.path.join(d, f"{i}.{ext}"), quality=90)
     print(f"wrote {n} images of {size[0]}x{size[1]} to {out}")
 EOF
-python experiments/bench.py --amp none --batch-size 128 --dataset fashion_mnist --data "$DATA" \
+WIDE=(--dim 192 --depth 6 --heads 3)   # the README's rows: the cifar preset of that time
+python experiments/bench.py "${WIDE[@]}" --amp none --batch-size 128 --dataset fashion_mnist \
+  --data "$DATA" \
   | tee runs/loader_memory.txt
-python experiments/bench.py --amp none --batch-size 128 --dataset imagefolder \
+python experiments/bench.py "${WIDE[@]}" --amp none --batch-size 128 --dataset imagefolder \
   --data runs/folder_png32 --preset cifar --workers 2 | tee runs/loader_png32.txt
 python experiments/bench.py --amp none --batch-size 8 --dataset imagefolder \
   --data runs/folder_jpeg500 --workers 2 | tee runs/loader_jpeg500.txt

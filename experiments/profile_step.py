@@ -21,8 +21,9 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
 def main(steps=5):
-    args = train.parse_args()
+    args = train.parse_args(prog="experiments/profile_step.py")
     device = train.setup_distributed(args.device)[2]
+    args.amp = train.resolve_amp(args.amp, device)
     cfg = train.build_config(args)
     step = bench.bench_step(args, cfg, False, device)[0]
     dtype = train.AMP_DTYPES[args.amp] or torch.float32
