@@ -134,7 +134,7 @@ def collate_images(items):
 
 
 def readable(item):
-    """A SeededFolder item or collated batch, or a one-line SystemExit naming the unreadable file."""
+    """A SeededFolder item or collated batch; a one-line SystemExit naming an unreadable file."""
     if isinstance(item, str):
         raise SystemExit(f"error: {item}: remove or replace that file, then run again")
     return item

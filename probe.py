@@ -367,7 +367,7 @@ def main(argv=None):
                                    args.probe_batch_size, args.seed, fit=rank == 0,
                                    what=f"linear probe, {ROWS[key[0]]}")
     if world > 1:
-        dist.destroy_process_group()
+        train.end_distributed(device)
     if rank > 0:
         return None, features
 

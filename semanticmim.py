@@ -34,8 +34,8 @@ After pre-training only the main stack is kept: an ordinary ViT with P extra pre
 The baseline switch (Config.baseline) is the paper's comparison, plain one-stream MIM with the same
 code: [PROXY; IMG; MASK] go through the main stack with full self-attention, so a [MASK] token may
 copy its visible neighbours, and no mask stack is built. With num_proxies=1 and mask_ratio=0.4 it
-has the settings of the authors' own MaskFeat baseline (configs/maskfeat/maskfeat_baseline_pretrain.py,
-whose one prefix token is a [CLS]).
+has the settings of the authors' own MaskFeat baseline
+(configs/maskfeat/maskfeat_baseline_pretrain.py, whose one prefix token is a [CLS]).
 
 Sections, in the order of the method:
   1. Config and presets: every architecture setting, stored in each checkpoint
@@ -149,7 +149,8 @@ def random_masking(batch, num_patches, num_masked, generator, device,
 
     Returns index tensors ids_keep (B, N - Nm) and ids_mask (B, Nm), each sorted, so that a batch
     has fixed shapes. With independent=True the [MASK]/target set is drawn independently of the
-    visible set (they may overlap; an option the authors' code has, off in all their configs). `rows` picks this rank's images out of the noise drawn for the
+    visible set (they may overlap; an option of the authors' code, off in all their configs).
+    `rows` picks this rank's images out of the noise drawn for the
     whole global batch, so every rank draws the same numbers and a run does not depend on how the
     global batch is split over processes.
     """

@@ -61,4 +61,4 @@ python visualize.py runs/fmnist_semantic/checkpoint.pt --out docs/figures \
 train runs/default --dataset fashion_mnist --data "$DATA" --log-every 50
 python visualize.py runs/default/checkpoint.pt --stats > runs/stats_default.txt
 
-python experiments/summarize.py | tee runs/summary.md
+python experiments/summarize.py | tee runs/summary.txt
