@@ -821,6 +821,7 @@ def test_train_py_end_to_end_in_a_subprocess(tmp_path):
 AUTHORS_FILES = {"maskfeat/maskfeat.py", "maskfeat/maskfeat_backbone.py", "attn_vis.py",
                  "configs/maskfeat/maskfeat_bottleneck_pretrain.py", "maskfeat_cls_ft.py",
                  "configs/maskfeat/maskfeat_baseline_pretrain.py", "maskfeat_bottleneck_pretrain.py",
+                 "maskfeat_baseline_pretrain.py",
                  "configs/maskfeat/maskfeat_cls_linear_probing.py", "maskfeat_cls_linear_probing.py",
                  "configs/maskfeat/maskfeat_cls_ft.py", "mmpretrain/models/selfsup/maskfeat.py",
                  "beit/beit_model.py", "beit/beit_backbone.py", "seg_linear_probing.py",

@@ -4,9 +4,10 @@
 
 Reads, for each model and seed, runs/fmnist_<model>[_s1]/log.jsonl (final loss, training time),
 probe_patch-proxy_Lall.json (linear and kNN top-1 of the patch and proxy means at every block)
-and the attn_stats.json that visualize.py --stats wrote beside each seed's SemanticMIM run (the
-three models side by side). Prints the mean of the seeds and each seed.
+and the numbers of that checkpoint in any runs/*/attn_stats.json that visualize.py --stats
+wrote. Prints the mean of the seeds and each seed; a run that is missing is a "-".
 """
+import glob
 import json
 import os
 import statistics
@@ -24,8 +25,9 @@ def run_dir(root, model, seed):
 
 
 def load(path):
+    """The JSON (or JSON lines) file, or None where the run has not written it."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no {path}: run experiments/fmnist.sh first")
+        return None
     with open(path) as f:
         return json.load(f) if path.endswith(".json") else [json.loads(ln) for ln in f]
 
@@ -33,22 +35,36 @@ def load(path):
 def training(folder, batch=256):
     """(final loss, minutes of training): each progress line's rate over its own interval."""
     log = load(os.path.join(folder, "log.jsonl"))
+    if not log:
+        return None, None
     steps = [0] + [r["step"] for r in log]
     seconds = sum((b - a) * batch / r["img_per_s"] for a, b, r in zip(steps, steps[1:], log))
     return log[-1]["loss"], seconds / 60
 
 
 def accuracy(probe, pool, layer, kind):
+    if probe is None:
+        return None
     return next(100 * r[f"{kind}_top1"] for r in probe["rows"]
                 if r["row"] == "checkpoint" and r["pool"] == pool and r["layer"] == layer)
 
 
 def cell(values, fmt="{:.2f}"):
-    """'mean (seed 0, seed 1)'."""
-    if any(v is None for v in values):
+    """'mean (seed 0, seed 1)'; a missing seed is '-' and the mean is of the others."""
+    have = [v for v in values if v is not None]
+    if not have:
         return "-"
-    return fmt.format(statistics.mean(values)) + " (" + ", ".join(fmt.format(v)
-                                                                   for v in values) + ")"
+    return fmt.format(statistics.mean(have)) + " (" + ", ".join(
+        "-" if v is None else fmt.format(v) for v in values) + ")"
+
+
+def attention(root):
+    """{checkpoint path: per-layer statistics, uniform} from every attn_stats.json under root."""
+    out = {}
+    for path in glob.glob(os.path.join(root, "*", "attn_stats.json")):
+        for m in load(path)["models"]:
+            out[os.path.normpath(m["checkpoint"])] = m
+    return out
 
 
 def main(root="runs"):
@@ -71,26 +87,28 @@ def main(root="runs"):
               f"{100 * pixels[0]['knn_top1']:.2f} | | | | |")
 
     for kind in ("knn", "linear"):
-        print(f"\n{kind} top-1 of the patch mean per block (mean of the seeds)\n\n| model | "
+        print(f"\n{kind} top-1 of the patch mean per block, mean (seed 0, seed 1)\n\n| model | "
               + " | ".join(f"block {i}" for i in range(1, depth + 1)) + " |\n|---|"
               + "---|" * depth)
         for m, name in MODELS.items():
             print(f"| {name} | " + " | ".join(
-                f"{statistics.mean(accuracy(probes[(m, s)], 'patch', i, kind) for s in SEEDS):.2f}"
+                cell([accuracy(probes[(m, s)], "patch", i, kind) for s in SEEDS])
                 for i in range(1, depth + 1)) + " |")
 
-    stats = [load(os.path.join(run_dir(root, "semantic", s), "attn_stats.json")) for s in SEEDS]
-    print(f"\nattention statistics of the last block ({depth}), mean (seed 0, seed 1), "
-          f"{stats[0]['images']['count']} test images\n\n| model | " + " | ".join(STATS)
-          + " |\n|---|" + "---|" * len(STATS))
-    for k, name in enumerate(MODELS.values()):
-        last = [s["models"][k]["layers"][-1] for s in stats]
-        print(f"| {name} | " + " | ".join(cell([r[st] for r in last], "{:.3f}") for st in STATS)
-              + " |")
-    for k, name in enumerate(MODELS.values()):
-        uniform = stats[0]["models"][k]["uniform"]
-        print(f"| uniform attention, {name.split(' (')[0]} | " + " | ".join(
-            "-" if uniform[st] is None else f"{uniform[st]:.3f}" for st in STATS) + " |")
+    stats = attention(root)
+    for layer in range(1, depth + 1):
+        print(f"\nattention statistics of block {layer}, mean (seed 0, seed 1)\n\n| model | "
+              + " | ".join(STATS) + " |\n|---|" + "---|" * len(STATS))
+        for m, name in MODELS.items():
+            got = [stats.get(os.path.normpath(os.path.abspath(os.path.join(
+                run_dir(root, m, s), "checkpoint.pt")))) for s in SEEDS]
+            rows = [None if g is None else g["layers"][layer - 1] for g in got]
+            print(f"| {name} | " + " | ".join(cell([None if r is None else r[st] for r in rows],
+                                                   "{:.3f}") for st in STATS) + " |")
+        uniform = {m["config"]["num_proxies"]: m["uniform"] for m in stats.values()}
+        for P, u in sorted(uniform.items()):
+            print(f"| uniform attention, P {P} | " + " | ".join(
+                "-" if u[st] is None else f"{u[st]:.3f}" for st in STATS) + " |")
     print("\ncommand: python " + " ".join(sys.argv))
 
 
