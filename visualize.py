@@ -3,7 +3,7 @@
     python visualize.py out/checkpoint.pt                    # every figure, into out/figures/
     python visualize.py out/checkpoint.pt --compare base/checkpoint.pt --what compare
     python visualize.py out/checkpoint.pt --images cat.jpg --queries 3,4 0 --layers 2 -1
-    python visualize.py out/checkpoint.pt --stats --compare base/checkpoint.pt mae/checkpoint.pt
+    python visualize.py out/checkpoint.pt --stats --compare base/checkpoint.pt maskfeat/checkpoint.pt
 
 The model is rebuilt from the config stored in the checkpoint; the images are either files
 (resized and centre-cropped like the test split of an image folder) or indices into the test split
