@@ -63,7 +63,7 @@ def attention(root):
     out = {}
     for path in glob.glob(os.path.join(root, "*", "attn_stats.json")):
         for m in load(path)["models"]:
-            out[os.path.normpath(m["checkpoint"])] = m
+            out[os.path.abspath(m["checkpoint"])] = m     # as given, from the repository root
     return out
 
 
@@ -96,19 +96,20 @@ def main(root="runs"):
                 for i in range(1, depth + 1)) + " |")
 
     stats = attention(root)
-    for layer in range(1, depth + 1):
-        print(f"\nattention statistics of block {layer}, mean (seed 0, seed 1)\n\n| model | "
-              + " | ".join(STATS) + " |\n|---|" + "---|" * len(STATS))
-        for m, name in MODELS.items():
-            got = [stats.get(os.path.normpath(os.path.abspath(os.path.join(
-                run_dir(root, m, s), "checkpoint.pt")))) for s in SEEDS]
+    print("\nattention statistics per block, mean (seed 0, seed 1)\n\n| model | block | "
+          + " | ".join(STATS) + " |\n|---|---|" + "---|" * len(STATS))
+    for m, name in MODELS.items():
+        got = [stats.get(os.path.abspath(os.path.join(run_dir(root, m, s), "checkpoint.pt")))
+               for s in SEEDS]
+        for layer in range(1, depth + 1):
             rows = [None if g is None else g["layers"][layer - 1] for g in got]
-            print(f"| {name} | " + " | ".join(cell([None if r is None else r[st] for r in rows],
-                                                   "{:.3f}") for st in STATS) + " |")
-        uniform = {m["config"]["num_proxies"]: m["uniform"] for m in stats.values()}
-        for P, u in sorted(uniform.items()):
-            print(f"| uniform attention, P {P} | " + " | ".join(
-                "-" if u[st] is None else f"{u[st]:.3f}" for st in STATS) + " |")
+            print(f"| {name.split(' (')[0]} | {layer} | " + " | ".join(
+                cell([None if r is None else r[st] for r in rows], "{:.3f}") for st in STATS)
+                + " |")
+    uniform = {m["config"]["num_proxies"]: m["uniform"] for m in stats.values()}
+    for P, u in sorted(uniform.items()):
+        print(f"| uniform attention, P {P} | any | " + " | ".join(
+            "-" if u[st] is None else f"{u[st]:.3f}" for st in STATS) + " |")
     print("\ncommand: python " + " ".join(sys.argv))
 
 
