@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import common
 import data
 import semanticmim as sm
 import train
@@ -261,7 +262,7 @@ def build_parser():
                    help="None: the checkpoint's own")
     p.add_argument("--data", default=None, help="data root (None: the checkpoint's own); for "
                    "imagefolder the folder holding train/ and val/")
-    p.add_argument("--synthetic-size", type=train.COUNT, default=None,
+    p.add_argument("--synthetic-size", type=common.COUNT, default=None,
                    help="None: the checkpoint's")
     p.add_argument("--pool", nargs="+", choices=("patch", "proxy", "both"), default=["patch"],
                    help="mean of the patch tokens (authors'), of the proxies, or both; several "
@@ -271,29 +272,29 @@ def build_parser():
     p.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS),
                    help="what to probe: the checkpoint, the same network with its random "
                    "initial weights, the raw pixels")
-    p.add_argument("--epochs", type=train.COUNT, default=100, help="linear classifier epochs")
-    p.add_argument("--lr", type=train.POSITIVE, default=4e-3, help="the authors' at batch 1024")
-    p.add_argument("--weight-decay", type=train.NONNEGATIVE, default=1e-4)
-    p.add_argument("--probe-batch-size", type=train.COUNT, default=1024,
+    p.add_argument("--epochs", type=common.COUNT, default=100, help="linear classifier epochs")
+    p.add_argument("--lr", type=common.POSITIVE, default=4e-3, help="the authors' at batch 1024")
+    p.add_argument("--weight-decay", type=common.NONNEGATIVE, default=1e-4)
+    p.add_argument("--probe-batch-size", type=common.COUNT, default=1024,
                    help="linear classifier batch")
     p.add_argument("--augmented", action="store_true", help="the authors' protocol: training "
                    "features recomputed every epoch from RandomResizedCrop + flip images")
-    p.add_argument("--min-crop", type=train.FRACTION, default=0.08, help="RandomResizedCrop "
+    p.add_argument("--min-crop", type=common.FRACTION, default=0.08, help="RandomResizedCrop "
                    "minimum scale under --augmented (torchvision's default)")
-    p.add_argument("--k", type=train.COUNT, default=20, help="kNN neighbours")
-    p.add_argument("--temperature", type=train.POSITIVE, default=0.07, help="kNN temperature")
-    p.add_argument("--batch-size", type=train.COUNT, default=256, help="feature-extraction "
+    p.add_argument("--k", type=common.COUNT, default=20, help="kNN neighbours")
+    p.add_argument("--temperature", type=common.POSITIVE, default=0.07, help="kNN temperature")
+    p.add_argument("--batch-size", type=common.COUNT, default=256, help="feature-extraction "
                    "batch per process")
     p.add_argument("--amp", choices=("bf16", "none"), default="none",
                    help="autocast dtype for feature extraction")
-    p.add_argument("--workers", type=train.NATURAL, default=8,
+    p.add_argument("--workers", type=common.NATURAL, default=8,
                    help="DataLoader workers (image folders)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=train.NATURAL, default=0,
+    p.add_argument("--seed", type=common.NATURAL, default=0,
                    help="classifier order and augmentation")
     p.add_argument("--out", default=None, help="JSON file (None: probe_<pool>_L<layer>"
                    "[_<dataset>][_aug].json in the checkpoint's folder)")
-    return train.one_line_errors(p)
+    return common.one_line_errors(p)
 
 
 def load(args):
@@ -335,7 +336,7 @@ def main(argv=None):
     t0 = time.time()
     model, ckpt = load(args)
     cfg = model.cfg
-    rank, world, device = train.setup_distributed(args.device)
+    rank, world, device = common.setup_distributed(args.device)
     amp = torch.bfloat16 if args.amp == "bf16" else None
     train_y, num_classes, train_batches = load_split(args, cfg.img_size, True, rank, world, device)
     test_y, test_classes, test_batches = load_split(args, cfg.img_size, False, rank, world, device)
@@ -367,7 +368,7 @@ def main(argv=None):
                                    args.probe_batch_size, args.seed, fit=rank == 0,
                                    what=f"linear probe, {ROWS[key[0]]}")
     if world > 1:
-        train.end_distributed(device)
+        common.end_distributed(device)
     if rank > 0:
         return None, features
 

@@ -15,7 +15,8 @@ visualize.py commands to run next.
 
 The file reads top-down: 1 arguments, 2 distributed set-up, 3 data, 4 model and optimizer,
 5 checkpoints, 6 the training loop (main). Data sets and transforms shared with probe.py and
-visualize.py are in data.py; the speed benchmark is experiments/bench.py.
+visualize.py are in data.py, the checked flag types and the distributed set-up in common.py; the
+speed benchmark is experiments/bench.py.
 """
 import argparse
 import json
@@ -30,8 +31,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+import common
 import data
 import semanticmim as sm
+from common import COUNT, FRACTION, NATURAL, NONNEGATIVE, POSITIVE, number
 
 # --------------------------------------------------------------------------------------------
 # 1. Arguments: every flag checked where it is parsed; a preset, then any override
@@ -40,40 +43,6 @@ import semanticmim as sm
 # the rate of the README's Fashion-MNIST results (at 2e-4, one epoch of the former width-192
 # cifar preset left the attention of the last block as good as uniform).
 BLR = {"cifar": 1e-3, "vit_b16": 2e-4}
-
-
-def number(kind, low, high=math.inf, open_low=False, open_high=False):
-    """An argparse type: a finite int or float (kind) in [low, high], an end left out when open;
-    anything else is refused with one line naming the flag (argparse adds it), the value and the
-    allowed range. probe.py and visualize.py use the same types."""
-    what = "an integer" if kind is int else "a number"
-    allowed = (f"{what} {'>' if open_low else '>='} {low}" if high == math.inf else
-               f"{what} in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}")
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        inside = (math.isfinite(value) and (value > low if open_low else value >= low)
-                  and (value < high if open_high else value <= high))
-        if not inside:
-            raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be {allowed}")
-        return value
-    return parse
-
-
-COUNT, NATURAL = number(int, 1), number(int, 0)             # >= 1; >= 0
-POSITIVE, NONNEGATIVE = number(float, 0, open_low=True), number(float, 0)
-FRACTION = number(float, 0, 1, open_low=True)               # (0, 1]
-
-
-def one_line_errors(parser):
-    """Argparse errors as one line on stderr (exit 2), without the usage block."""
-    def error(message):
-        parser.exit(2, f"error: {message} (see {parser.prog} --help)\n")
-    parser.error = error
-    return parser
 
 
 ARCH_FLAGS = tuple(f.name for f in fields(sm.Config))  # each has a flag, None = the preset's
@@ -136,7 +105,7 @@ def build_parser(prog="train.py"):
                    "progress line this many minutes after the last save (0: off)")
     r.add_argument("--stop-at", type=COUNT, default=None, help="save and exit after this step "
                    "(to split a run into jobs; --resume continues it)")
-    return one_line_errors(p)
+    return common.one_line_errors(p)
 
 
 def parse_args(argv=None, prog="train.py"):
@@ -185,38 +154,8 @@ def merge_resumed_args(args, saved):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Distributed set-up: torchrun's environment if present, else one process
+# 2. Distributed: set-up and tear-down are common.py's; here the mean over the ranks
 # --------------------------------------------------------------------------------------------
-def setup_distributed(device_arg="auto"):
-    """Returns (rank, world_size, device). NCCL on GPUs, Gloo on CPU; plain python needs nothing."""
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no GPU: use --device cpu")
-    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
-    if use_cuda:                                # fp32 matmuls (--amp none) in TF32 on GPUs
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-        return rank, world, device
-    return 0, 1, torch.device("cuda" if use_cuda else "cpu")
-
-
-def end_distributed(device):
-    """destroy_process_group, with the Gloo backend freed last, through its own binding (whose
-    destructor releases the GIL). torch 2.4.1 freed it inside destroy_process_group while holding
-    the GIL, and a Gloo thread that still needed the GIL to free the last collective's tensor
-    deadlocked it: 2 of 60 two-process runs never exited. Whatever else holds the process group
-    (DDP) must be gone before this is called."""
-    backend = dist.group.WORLD._get_backend(device) if device.type == "cpu" else None
-    dist.destroy_process_group()
-    del backend
-
-
 def all_mean(t, world):
     """Mean of a tensor over all ranks (a copy; t itself is left as it is)."""
     t = t.detach().clone()
@@ -371,7 +310,7 @@ def print_next_steps(ckpt_path, world=1):
 # --------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = common.setup_distributed(args.device)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     log_path = os.path.join(args.out, "log.jsonl")
     ckpt = None
@@ -527,7 +466,7 @@ def main(argv=None):
         print_next_steps(ckpt_path, world)
     if world > 1:
         del net                                             # DDP holds the process group
-        end_distributed(device)
+        common.end_distributed(device)
     return model
 
 

@@ -3,7 +3,7 @@
     python visualize.py out/checkpoint.pt                    # every figure, into out/figures/
     python visualize.py out/checkpoint.pt --compare base/checkpoint.pt --what compare
     python visualize.py out/checkpoint.pt --images cat.jpg --queries 3,4 0 --layers 2 -1
-    python visualize.py out/checkpoint.pt --stats --compare base/checkpoint.pt maskfeat/checkpoint.pt
+    python visualize.py out/checkpoint.pt --stats --compare base/checkpoint.pt mf/checkpoint.pt
 
 The model is rebuilt from the config stored in the checkpoint; the images are either files
 (resized and centre-cropped like the test split of an image folder) or indices into the test split
@@ -37,9 +37,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+import common  # noqa: E402
 import data  # noqa: E402
 import semanticmim as sm  # noqa: E402
-import train  # noqa: E402  (its checked flag types)
 
 FIGURES = ("query", "reduce_mean", "proxy", "mask_proxy", "recon", "curve", "compare")
 DPI, PANEL = 100, 1.6            # dots per inch, inches per image panel
@@ -753,7 +753,7 @@ def build_parser():
                    "--compare takes several paths)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", nargs="+", metavar="FILE", help="image files to show")
-    src.add_argument("--indices", nargs="+", type=train.NATURAL, default=[0, 1, 2],
+    src.add_argument("--indices", nargs="+", type=common.NATURAL, default=[0, 1, 2],
                      help="images of the test split of the checkpoint's data set "
                      "(default: 0 1 2)")
     p.add_argument("--data", default=None, help="data root (default: the checkpoint's --data)")
@@ -776,14 +776,14 @@ def build_parser():
                    "the checkpoint and plotted against depth in attn_stats.png in --out; with "
                    "--compare every model, side by side. Draws no other figure unless --what "
                    "names some")
-    p.add_argument("--stats-images", type=train.COUNT, default=None,
+    p.add_argument("--stats-images", type=common.COUNT, default=None,
                    metavar="N", help=f"with --stats: the first N images of the test split "
                    f"(default: {STATS_IMAGES}, or all if it has fewer)")
     p.add_argument("--log", default=None, help="log.jsonl (default: beside the checkpoint)")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: "
                    "<checkpoint folder>/figures)")
-    p.add_argument("--seed", type=train.NATURAL, default=0, help="seed of the masks (default: 0)")
-    return train.one_line_errors(p)
+    p.add_argument("--seed", type=common.NATURAL, default=0, help="seed of the masks (default: 0)")
+    return common.one_line_errors(p)
 
 
 def load_compare(path, cfg, layers):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import common  # noqa: E402
 import semanticmim as sm  # noqa: E402
 import train  # noqa: E402
 
@@ -194,7 +195,7 @@ def bench_loader(args, cfg, device, batches=20):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = train.parse_args(argv, prog="experiments/bench.py")
-    device = train.setup_distributed(args.device)[2]
+    device = common.setup_distributed(args.device)[2]
     args.amp = train.resolve_amp(args.amp, device)
     results = bench(args, train.build_config(args), device)
     print("command: " + shlex.join(["python", "experiments/bench.py"] + argv))
