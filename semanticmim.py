@@ -1,20 +1,19 @@
 """SemanticMIM (Yuan, Dou, Guo, Li, arXiv 2406.10673) in one file of plain PyTorch.
 
-The idea. Contrastive learning *compresses* a whole image into one vector: semantic, but blind to
-where things are. Masked image modeling (MIM) *reconstructs* masked patches from the visible ones:
-it keeps positions, but a patch can be predicted by copying its neighbours, so the features stay
-local and weakly semantic. SemanticMIM chains the two phases named in the paper's abstract:
+Contrastive learning *compresses* an image into one vector: semantic, but blind to where things
+are. Masked image modeling (MIM) *reconstructs* masked patches from visible ones: it keeps
+positions, but a patch can be predicted by copying its neighbours, so features stay local.
+SemanticMIM chains the two phases named in the paper's abstract:
 
-  compression     the visible image patches ([IMG] tokens) and P learnable [PROXY] tokens go
-                  through the main transformer stack together, so the proxies gather the image;
+  compression     the visible patches ([IMG] tokens) and P learned [PROXY] tokens go through the
+                  main transformer stack together, so the proxies gather the image;
   reconstruction  one [MASK] token per masked patch (a shared learned vector plus the patch's
                   position) goes through a second stack, the mask stack, that attends to the
                   proxies and to the [MASK] tokens, and never to an [IMG] token.
 
-Everything the loss learns about the image passes the P proxies. There is no contrastive loss, no
-loss on the proxies and no stop-gradient: the only objective is the usual MIM regression on the
-[MASK] outputs (here the HOG of each masked patch, as the authors' MaskFeat variant, or its
-normalised pixels, as MAE). The architecture is the method.
+Everything the loss learns about the image passes the P proxies. There is no contrastive loss and
+no loss on the proxies: the only objective is MIM regression on the [MASK] outputs (the HOG of each
+masked patch, as the authors' MaskFeat variant, or its normalised pixels, as MAE).
 
 Who attends to whom, at every depth i (SemanticMIM.predict):
 
@@ -25,44 +24,31 @@ Who attends to whom, at every depth i (SemanticMIM.predict):
 
 Why two stacks and not one transformer with an attention mask: the authors' code
 (maskfeat/maskfeat.py, MaskFeatViTOurs, in github.com/yyk-wew/SemanticMIM) gives the mask stream
-its own weights, and mask block i reads the proxies *after* main block i of the same depth. A
-single shared-weight stack with a block mask would share weights between the streams and let
-mask block i read the proxies *entering* depth i; the tests check that ours does neither.
-After pre-training only the main stack is kept: an ordinary ViT with P extra prefix tokens
-(SemanticMIM.features). The mask stack, the [MASK] token and the head exist for pre-training.
+its own weights, and mask block i reads the proxies *after* main block i. A shared-weight stack
+with a block mask would share weights and read the proxies *entering* depth i; the tests check
+that ours does neither. After pre-training only the main stack is kept, an ordinary ViT with P
+prefix tokens (SemanticMIM.features); the mask stack, [MASK] token and head are for pre-training.
 
-The baseline switch (Config.baseline) is the paper's comparison, plain one-stream MIM with the same
-code: [PROXY; IMG; MASK] go through the main stack with full self-attention, so a [MASK] token may
-copy its visible neighbours, and no mask stack is built. With num_proxies=1 and mask_ratio=0.4 it
-has the settings of the authors' own MaskFeat baseline
-(configs/maskfeat/maskfeat_baseline_pretrain.py, whose one prefix token is a [CLS]).
+The baseline switch (Config.baseline) is the paper's comparison, one-stream MIM with the same code:
+[PROXY; IMG; MASK] go through the main stack with full self-attention, so a [MASK] token may copy
+its visible neighbours. With num_proxies=1 and mask_ratio=0.4 it has the settings of the authors'
+MaskFeat baseline (configs/maskfeat/maskfeat_baseline_pretrain.py; its prefix token is a [CLS]).
 
-Sections, in the order of the method:
-  1. Config and presets: every architecture setting, stored in each checkpoint
-  2. Patches and masking: patchify, exactly ceil(N * ratio) masked patches per image
-  3. Attention with separate query and key/value inputs, and the pre-norm block
-  4. The model: the main stack, the mask stack, the baseline, the downstream features
-  5. Targets: HOG and normalised pixels
-  6. Checkpoints: opened by one function; an architecture mismatch is refused
-
-Shapes: B images, N patches, P proxies, Nv visible patches, Nm masked patches, D width,
+Sections, in the order of the method: 1 the Config (every architecture setting; each checkpoint
+stores it, and model_from_checkpoint rebuilds exactly that model), 2 patches and masking,
+3 attention with separate query and key/value inputs and the pre-norm block, 4 the model,
+5 the targets. Shapes: B images, N patches, P proxies, Nv visible and Nm masked patches, D width,
 H heads, T target dims (108 for HOG with 2x2 cells per patch, p*p*3 for pixels).
 """
 import math
-import os
-import pickle
-import re
-import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-# --------------------------------------------------------------------------------------------
-# 1. Config and presets
-# --------------------------------------------------------------------------------------------
+# ---- 1. Config and presets -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
     """Every architecture setting; saved in each checkpoint and used to rebuild the model."""
@@ -112,8 +98,7 @@ class Config:
 
 
 PRESETS = {
-    # Small enough for a laptop CPU: 64 patches of 4x4 px, a 4-block stack of width 128 (one
-    # Fashion-MNIST epoch in about 25 minutes on one CPU core, fp32).
+    # Small enough for a laptop CPU: 64 patches of 4x4 px, 4 blocks of width 128.
     "cifar": Config(img_size=32, patch_size=4, dim=128, depth=4, heads=4),
     # The authors' ViT-B/16 at 224 px, P 8, mask ratio 0.8
     # (configs/maskfeat/maskfeat_bottleneck_pretrain.py of github.com/yyk-wew/SemanticMIM).
@@ -121,9 +106,7 @@ PRESETS = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# 2. Patches and masking
-# --------------------------------------------------------------------------------------------
+# ---- 2. Patches and masking ----------------------------------------------------------------------
 def patchify(imgs, p):
     """(B, 3, H, W) -> (B, N, p*p*3), patches in row-major order, pixels (row, col, channel)."""
     B, C, H, W = imgs.shape
@@ -133,35 +116,27 @@ def patchify(imgs, p):
     return x.reshape(B, h * w, p * p * C)                   # (B, N, p*p*C)
 
 
-def unpatchify(x, p, channels=3):
-    """(B, N, p*p*3) -> (B, 3, H, W); the inverse of patchify for a square image."""
-    B, N, _ = x.shape
-    h = w = math.isqrt(N)
-    x = x.reshape(B, h, w, p, p, channels)                  # (B, h, w, p, p, C)
-    x = x.permute(0, 5, 1, 3, 2, 4)                         # (B, C, h, p, w, p)
-    return x.reshape(B, channels, h * p, w * p)             # (B, C, H, W)
+def random_masking(batch, num_patches, num_masked, generator, device, independent=False):
+    """Uniform random masks with exactly num_masked = ceil(N * ratio) masked patches per image, as
+    the authors' mask generator (SimMIMMaskGeneratorOurs in beit/beit_model.py; ratio 0.8 for
+    SemanticMIM, 0.4 for their MaskFeat baseline). Returns index tensors ids_keep (B, N - Nm) and
+    ids_mask (B, Nm): fixed shapes per batch.
 
-
-def random_masking(batch, num_patches, num_masked, generator, device,
-                   independent=False, rows=slice(None)):
-    """Uniform random masks with exactly num_masked masked patches per image, as the authors'
-    maskfeat/maskfeat.py (ratio 0.8 for SemanticMIM, 0.4 for their MaskFeat baseline).
-
-    Returns index tensors ids_keep (B, N - Nm) and ids_mask (B, Nm), each sorted, so that a batch
-    has fixed shapes. With independent=True the [MASK]/target set is drawn independently of the
-    visible set (they may overlap; an option of the authors' code, off in all their configs).
-    `rows` picks this rank's images out of the noise drawn for the
-    whole global batch, so every rank draws the same numbers and a run does not depend on how the
-    global batch is split over processes.
+    With independent=True the [MASK]/target set is drawn apart from the visible set (they may
+    overlap). The authors' generator has such an option (separate_mask_ratio) that draws
+    ceil(N * separate_mask_ratio) targets, 118 of 196 at their 0.6; ours draws num_masked, the
+    size of the masked set, so that the two modes have the same number of [MASK] queries.
     """
-    noise = torch.rand(batch, num_patches, generator=generator, device=device)[rows]  # (B, N)
+    noise = torch.rand(batch, num_patches, generator=generator, device=device)  # (B, N)
     order = noise.argsort(dim=1)                            # (B, N), a random permutation per image
     ids_keep = order[:, num_masked:]                        # (B, Nv)
     if independent:
-        noise2 = torch.rand(batch, num_patches, generator=generator, device=device)[rows]
+        noise2 = torch.rand(batch, num_patches, generator=generator, device=device)  # (B, N)
         ids_mask = noise2.argsort(dim=1)[:, :num_masked]   # (B, Nm)
     else:
         ids_mask = order[:, :num_masked]                    # (B, Nm)
+    # Sorted into raster order, the order in which the authors' boolean mask map selects tokens:
+    # the model is order-equivariant, but so its tokens line up with theirs one for one.
     return ids_keep.sort(dim=1).values, ids_mask.sort(dim=1).values
 
 
@@ -170,9 +145,7 @@ def gather_tokens(x, ids):
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-# --------------------------------------------------------------------------------------------
-# 3. Attention whose queries and keys/values are separate inputs, and the pre-norm block
-# --------------------------------------------------------------------------------------------
+# ---- 3. Attention whose queries and keys/values are separate inputs, and the pre-norm block ------
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -203,13 +176,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x = x + Attn(LN1(x), LN1([ctx; x])); x = x + MLP(LN2(x)).
-
-    ctx=None is ordinary self-attention. As in the authors' maskfeat/maskfeat_backbone.py, the
-    block's LN1 normalises both the query and the key/value inputs. Where they use separate q and
-    kv Linears, one qkv Linear here does the same maths (its q rows on the queries only) and lets
-    self-attention run one fused matmul.
-    """
+    """Pre-norm block: x = x + Attn(LN1(x), LN1([ctx; x])); x = x + MLP(LN2(x)); ctx=None is
+    self-attention. As the authors' maskfeat/maskfeat_backbone.py, LN1 normalises queries and
+    keys/values; their separate q and kv Linears are one qkv Linear here (same maths; its q rows
+    on the queries only), so that self-attention runs one fused matmul."""
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -219,6 +189,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x, ctx=None, return_weights=False):
+        """x (B, L, D), ctx (B, Lc, D) or None -> (x (B, L, D), weights (B, H, L, Lc + L) or None)."""
         if ctx is None:
             h = kv = self.norm1(x)                          # (B, L, D)
         else:
@@ -227,24 +198,22 @@ class Block(nn.Module):
         a, weights = self.attn(h, kv, return_weights)
         x = x + a
         x = x + self.mlp(self.norm2(x))
-        return (x, weights) if return_weights else x
+        return x, weights                                   # weights: None unless asked
 
 
-# --------------------------------------------------------------------------------------------
-# 4. The model
-# --------------------------------------------------------------------------------------------
+# ---- 4. The model --------------------------------------------------------------------------------
 class SemanticMIM(nn.Module):
-    """Main stack over [PROXY; IMG] and mask stack over [MASK] reading [PROXY] (module docstring).
-
-    With cfg.baseline the mask stack is not built and [PROXY; IMG; MASK] go through the main
-    stack with full self-attention: the paper's plain one-stream MIM comparison.
-    """
+    """Main stack over [PROXY; IMG], mask stack over [MASK] reading [PROXY]; with cfg.baseline
+    no mask stack, and [PROXY; IMG; MASK] through the main stack (module docstring)."""
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         D, P, N = cfg.dim, cfg.num_proxies, cfg.num_patches
         self.patch_embed = nn.Linear(cfg.patch_size ** 2 * 3, D)   # a linear map of patchify
-        self.pos_embed = nn.Parameter(torch.zeros(1, P + N, D))   # P proxy entries, then N patches
+        # P proxy entries, then N patch entries, as the authors' table (whose one prefix entry is
+        # their [CLS]'s): a proxy's entry adds to its learned token, so it adds no capacity, but
+        # it keeps the layout of a standard ViT with prefix tokens, to which the weights map 1:1.
+        self.pos_embed = nn.Parameter(torch.zeros(1, P + N, D))
         self.proxy = nn.Parameter(torch.zeros(1, P, D))            # the P [PROXY] tokens
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))       # the one shared [MASK] token
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
@@ -257,7 +226,9 @@ class SemanticMIM(nn.Module):
 
     def init_weights(self):
         """As the authors' maskfeat/maskfeat.py: trunc-normal std 0.02 for the tokens, the
-        positions and Linear weights; zero biases; LayerNorm eps 1e-6 (set in the layers)."""
+        positions and Linear weights; Linear biases zero; LayerNorm eps 1e-6 (set in the layers).
+        Their patch embedding is a Conv2d whose bias keeps PyTorch's default uniform init; ours is
+        the equivalent Linear, and its bias starts at zero like every other Linear bias."""
         for t in (self.pos_embed, self.proxy, self.mask_token):
             nn.init.trunc_normal_(t, std=0.02)
         for m in self.modules():
@@ -281,17 +252,19 @@ class SemanticMIM(nn.Module):
         return proxy, img
 
     def mask_tokens(self, ids_mask):
-        """[MASK] token at each masked patch, with that patch's position: (B, Nm, D)."""
+        """[MASK] token at each masked patch, with that patch's position: (B, Nm, D).
+
+        These inputs hold nothing of the image, only the shared vector and a position, so a
+        [MASK] query may attend to the other [MASK] tokens without a leak: whatever of the image
+        they carry at depth i, they read from the proxies, as the query itself does."""
         P, B = self.cfg.num_proxies, ids_mask.shape[0]
         pos = self.pos_embed[:, P:].expand(B, -1, -1)           # (B, N, D)
         return self.mask_token + gather_tokens(pos, ids_mask)    # (B, Nm, D)
 
     def predict(self, imgs, ids_keep, ids_mask, return_attn=False):
-        """Predicted targets at the masked patches, (B, Nm, T).
-
-        With return_attn also a dict of per-depth attention weights: 'main' (B, H, P+Nv, P+Nv)
-        and, for SemanticMIM, 'mask' (B, H, Nm, P+Nm) with the proxies first among the keys.
-        """
+        """Predicted targets at the masked patches (B, Nm, T), and a dict of per-depth attention
+        weights (empty lists unless return_attn): 'main' (B, H, P+Nv, P+Nv) and, for SemanticMIM,
+        'mask' (B, H, Nm, P+Nm) with the proxies first among the keys."""
         P = self.cfg.num_proxies
         proxy, img = self.embed(imgs)                           # (B, P, D), (B, N, D)
         x = torch.cat([proxy, gather_tokens(img, ids_keep)], 1)  # (B, P+Nv, D) = [PROXY; IMG]
@@ -300,87 +273,69 @@ class SemanticMIM(nn.Module):
         if self.cfg.baseline:                                   # one stream [PROXY; IMG; MASK]
             x = torch.cat([x, m], 1)                            # (B, P+Nv+Nm, D)
             for blk in self.blocks:
-                x, w = blk(x, return_weights=True) if return_attn else (blk(x), None)
-                attn["main"].append(w)
+                x, w = blk(x, return_weights=return_attn)
+                attn["main"] += [w] if return_attn else []
             m = x[:, -m.shape[1]:]                              # (B, Nm, D)
         else:
             for blk, mblk in zip(self.blocks, self.mask_blocks):
                 # compression: [PROXY; IMG] attend to [PROXY; IMG]
-                x, w = blk(x, return_weights=True) if return_attn else (blk(x), None)
+                x, w = blk(x, return_weights=return_attn)       # (B, P+Nv, D)
                 # reconstruction: [MASK] attends to [PROXY (output of this depth); MASK]
-                ctx = x[:, :P]                                  # (B, P, D)
-                m, wm = (mblk(m, ctx, return_weights=True) if return_attn
-                         else (mblk(m, ctx), None))
-                attn["main"].append(w)
-                attn["mask"].append(wm)
-        pred = self.head(self.norm(m))                          # (B, Nm, T)
-        return (pred, attn) if return_attn else pred
+                m, wm = mblk(m, x[:, :P], return_weights=return_attn)  # (B, Nm, D)
+                attn["main"] += [w] if return_attn else []
+                attn["mask"] += [wm] if return_attn else []
+        return self.head(self.norm(m)), attn                    # (B, Nm, T)
 
     def forward(self, imgs, ids_keep, ids_mask):
         """The training objective: MSE between prediction and target on masked patches only."""
-        pred = self.predict(imgs, ids_keep, ids_mask)           # (B, Nm, T)
+        pred, _ = self.predict(imgs, ids_keep, ids_mask)        # (B, Nm, T)
         target = gather_tokens(self.target(imgs), ids_mask)     # (B, Nm, T)
         return F.mse_loss(pred.float(), target)
 
     @torch.no_grad()
     def target(self, imgs):
-        """Per-patch regression target of all N patches, (B, N, T), in fp32, without gradient."""
+        """Per-patch regression target of all N patches, (B, N, T), in fp32, without gradient.
+
+        Autocast is off here: under bf16 the Sobel convolutions would run in bf16 (8 mantissa
+        bits), gradients near a bin edge would change bin, and the target, the thing learned,
+        would depend on the precision of the run."""
         with torch.autocast(imgs.device.type, enabled=False):
             imgs = imgs.float()
             if self.cfg.target == "hog":
                 return hog_target(imgs, self.cfg.patch_size)
             return pixel_target(imgs, self.cfg.patch_size)
 
-    def features(self, imgs, layer=None, return_attn=False):
-        """Downstream path: the main stack alone on [PROXY; all N IMG], no masking.
-
-        Returns the proxy outputs (B, P, D) and patch outputs (B, N, D) of block `layer`
-        (1-based; None = the last), taken from the residual stream (before any final norm).
-        With return_attn also the list of main-stack attention weights (B, H, P+N, P+N) up to it.
-        """
-        layer = self.cfg.depth if layer is None else layer
-        if not 1 <= layer <= self.cfg.depth:
-            raise ValueError(f"layer {layer} does not exist: choose 1..{self.cfg.depth}")
+    def features(self, imgs, depth=None, return_attn=False):
+        """Downstream path: the main stack alone on [PROXY; all N IMG], no masking, through block
+        `depth` (default the last). Returns (outs, attn): for each block 1..depth its proxy
+        outputs (B, P, D) and patch outputs (B, N, D), from the residual stream (no final norm);
+        and with return_attn each block's weights (B, H, P+N, P+N), else an empty list."""
+        depth = self.cfg.depth if depth is None else depth
+        if not 1 <= depth <= self.cfg.depth:
+            raise ValueError(f"layer {depth} does not exist: choose 1..{self.cfg.depth}")
         P = self.cfg.num_proxies
-        proxy, img = self.embed(imgs)
-        x = torch.cat([proxy, img], 1)                          # (B, P+N, D)
-        attn = []
-        for blk in self.blocks[:layer]:
-            if return_attn:
-                x, w = blk(x, return_weights=True)
-                attn.append(w)
-            else:
-                x = blk(x)
-        out = (x[:, :P], x[:, P:])                              # (B, P, D), (B, N, D)
-        return (*out, attn) if return_attn else out
-
-    def features_per_layer(self, imgs, layers):
-        """features() of several main blocks from one pass: {layer: (proxy (B, P, D), patch
-        (B, N, D))} for each 1-based layer in `layers`."""
-        P = self.cfg.num_proxies
-        proxy, img = self.embed(imgs)
-        x = torch.cat([proxy, img], 1)                          # (B, P+N, D)
-        out = {}
-        for i, blk in enumerate(self.blocks[:max(layers)], 1):
-            x = blk(x)
-            if i in layers:
-                out[i] = (x[:, :P], x[:, P:])                   # (B, P, D), (B, N, D)
-        return out
+        x = torch.cat(self.embed(imgs), 1)                      # (B, P+N, D)
+        outs, attn = [], []
+        for blk in self.blocks[:depth]:
+            x, w = blk(x, return_weights=return_attn)           # (B, P+N, D)
+            outs.append((x[:, :P], x[:, P:]))                   # (B, P, D), (B, N, D)
+            attn += [w] if return_attn else []
+        return outs, attn
 
 
-# --------------------------------------------------------------------------------------------
-# 5. Targets
-# --------------------------------------------------------------------------------------------
-def gaussian_window(size, dtype=torch.float32, device=None):
-    """(size, size) Gaussian window, std = size / 2, centred, normalised to sum 1 (as the HOG
-    generator of MMPreTrain's mmpretrain/models/selfsup/maskfeat.py, which the authors use)."""
-    n = torch.arange(size, dtype=dtype, device=device)
-    n = (n - n.mean()) / (size // 2)
-    w = torch.exp(-0.5 * n ** 2)
-    w2 = w[:, None] * w[None, :]                            # (size, size)
-    return w2 / w2.sum()
+def model_from_checkpoint(ckpt):
+    """The model of a checkpoint dict {"config", "model"}: its stored Config, loaded strictly.
+    Departure, on purpose: the authors' configs/maskfeat/maskfeat_cls_ft.py and _linear_probing.py
+    build a 1-proxy model and load the 8-proxy checkpoint non-strictly: mmengine warns of the size
+    mismatch, the [CLS] and position table are not loaded, VisionTransformerOurs.init_weights
+    (maskfeat/maskfeat_backbone.py) skips pos_embed under a pretrained load, so both stay zero,
+    and frozen_stages=12 keeps them zero through linear probing."""
+    model = SemanticMIM(Config(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model
 
 
+# ---- 5. Targets ----------------------------------------------------------------------------------
 def hog_target(imgs, patch_size, nbins=9):
     """HOG of the (normalised) images as MMPreTrain's MaskFeat HOG generator
     (mmpretrain/models/selfsup/maskfeat.py, used by the authors' code), (B, N, 3*9*2*2).
@@ -395,11 +350,13 @@ def hog_target(imgs, patch_size, nbins=9):
     x = F.pad(imgs, (1, 1, 1, 1), mode="reflect")           # (B, C, H+2, W+2)
     gx = F.conv2d(x, wx.expand(C, 1, 3, 3), groups=C)       # (B, C, H, W), depthwise Sobel
     gy = F.conv2d(x, wx.t().expand(C, 1, 3, 3), groups=C)   # (B, C, H, W)
-    mag = torch.sqrt(gx ** 2 + gy ** 2)
+    mag = torch.sqrt(gx ** 2 + gy ** 2)                     # theirs: stack().norm(), <=1 ulp off
     phase = torch.atan2(gx, gy)                             # this argument order, as the authors
     bins = torch.floor(phase / math.pi * nbins).long() % nbins  # 9 unsigned 20-degree bins
-    window = gaussian_window(p, imgs.dtype, imgs.device).repeat(H // p, W // p)  # (H, W)
-    mag = mag * window                                      # each pixel weighted within its patch
+    n = torch.arange(p, dtype=imgs.dtype, device=imgs.device)
+    g = torch.exp(-0.5 * ((n - n.mean()) / (p // 2)) ** 2)  # (p,) Gaussian, std = p / 2
+    window = g[:, None] * g[None, :]                        # (p, p)
+    mag = mag * (window / window.sum()).repeat(H // p, W // p)  # weighted within its patch
     hist = torch.zeros(B, C, nbins, H, W, dtype=imgs.dtype, device=imgs.device)
     hist.scatter_add_(2, bins.unsqueeze(2), mag.unsqueeze(2))  # (B, C, 9, H, W), hard assignment
     hist = hist.reshape(B, C, nbins, H // cell, cell, W // cell, cell).sum((4, 6))  # (B,C,9,Hc,Wc)
@@ -421,73 +378,3 @@ def pixel_target(imgs, patch_size):
     x = patchify(imgs, patch_size)                          # (B, N, p*p*3)
     mean, std = patch_stats(x)
     return (x - mean) / std
-
-
-# --------------------------------------------------------------------------------------------
-# 6. Checkpoints: the config travels with the weights, and a mismatch is refused
-# --------------------------------------------------------------------------------------------
-# Departure, on purpose: the authors' downstream configs (configs/maskfeat/maskfeat_cls_ft.py,
-# maskfeat_cls_linear_probing.py) build a 1-proxy model and load the 8-proxy checkpoint
-# non-strictly, so the proxies and position table are silently dropped. Here every architecture
-# setting is stored in the checkpoint, the model is rebuilt from it, and a mismatch is refused.
-def config_from_dict(d):
-    known = {f.name for f in fields(Config)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"checkpoint config has unknown settings {sorted(unknown)}: "
-                         f"it was written by another version of semanticmim.py")
-    return Config(**d)
-
-
-def load_weights(model, state, ckpt_config):
-    """Load a state dict saved with config dict ckpt_config, refusing any architecture change."""
-    ours, theirs = asdict(model.cfg), dict(ckpt_config)
-    diff = [f"{k}={theirs.get(k)!r} in the checkpoint but {v!r} in the model"
-            for k, v in ours.items() if theirs.get(k) != v]
-    if diff:
-        raise ValueError("checkpoint architecture differs: " + "; ".join(diff) +
-                         " (rebuild the model from the checkpoint's config)")
-    model.load_state_dict(state, strict=True)
-
-
-def read_checkpoint(path, map_location="cpu", needs=("config", "model")):
-    """Every checkpoint file is opened here. Returns its dict, or raises ValueError with one line
-    that names the file and what is wrong with it. Loading is weights-only: a file holding objects
-    other than tensors and plain values is refused without running any of its code."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py wrote "
-                         f"in its --out folder")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index is at the end
-        raise ValueError(f"{path} is not a complete checkpoint: not the zip archive torch.save "
-                         f"writes (a copy cut short, a full disk, or another kind of file)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        names = re.findall(r"GLOBAL ([\w.]+)", str(e))      # the object torch refused, if named
-        raise ValueError(f"{path} was not loaded: it holds objects other than tensors and plain "
-                         f"values{' (' + names[0] + ')' if names else ''}, and loading it could "
-                         f"run code") from None
-    except Exception as e:  # a damaged archive: torch reports it as RuntimeError and others
-        raise ValueError(f"{path} is damaged and could not be read "
-                         f"({type(e).__name__}: {str(e).split('. ')[0]})") from None
-    missing = [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no "
-                         f"{', '.join(missing)})")
-    try:
-        config_from_dict(ckpt["config"])                   # settings this version knows
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    return ckpt
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Rebuild the model from a checkpoint written by train.py. Returns (model, checkpoint dict);
-    ValueError with one line for any bad file."""
-    ckpt = read_checkpoint(path, map_location)
-    model = SemanticMIM(config_from_dict(ckpt["config"]))
-    try:
-        load_weights(model, ckpt["model"], ckpt["config"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: {' '.join(str(e).split())[:400]}") from None
-    return model, ckpt

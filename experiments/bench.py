@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import common  # noqa: E402
 import semanticmim as sm  # noqa: E402
 import train  # noqa: E402
 
@@ -78,7 +77,7 @@ def matmul_peak(device, dtype, n=None, repeats=5):
 def plain_vit_loss(model, imgs):
     """A plain ViT training objective of (nearly) the same FLOPs as SemanticMIM's, for --bench:
     the main stack on [PROXY; all N patches], the head on every patch; no masks, no gathers."""
-    patches = model.features(imgs)[1]                       # (B, N, D)
+    patches = model.features(imgs)[0][-1][1]               # (B, N, D)
     return F.mse_loss(model.head(model.norm(patches)).float(), model.target(imgs))
 
 
@@ -175,7 +174,7 @@ def bench_loader(args, cfg, device, batches=20):
     transfer to the device, as train.py feeds it; timed after the first batch (worker start)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    steps, batches_of = train.make_batches(args, cfg, 0, 1, device, gen)
+    steps, batches_of = train.train_batches(args, cfg, 0, 1, device, gen)
     if steps < 2:
         raise SystemExit(f"error: the loader benchmark needs 2 batches of {args.batch_size} "
                          f"images but {args.dataset} gives {steps}: lower --batch-size")
@@ -195,7 +194,7 @@ def bench_loader(args, cfg, device, batches=20):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = train.parse_args(argv, prog="experiments/bench.py")
-    device = common.setup_distributed(args.device)[2]
+    device = train.setup_distributed(args.device)[2]
     args.amp = train.resolve_amp(args.amp, device)
     results = bench(args, train.build_config(args), device)
     print("command: " + shlex.join(["python", "experiments/bench.py"] + argv))

@@ -15,7 +15,6 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import bench  # noqa: E402  experiments/bench.py
-import common  # noqa: E402
 import train  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -23,7 +22,7 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 def main(steps=5):
     args = train.parse_args(prog="experiments/profile_step.py")
-    device = common.setup_distributed(args.device)[2]
+    device = train.setup_distributed(args.device)[2]
     args.amp = train.resolve_amp(args.amp, device)
     cfg = train.build_config(args)
     step = bench.bench_step(args, cfg, False, device)[0]

@@ -13,6 +13,9 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train  # noqa: E402
+
 MODELS = {"semantic": "SemanticMIM (P 8, mask 0.8)",
           "baseline": "one-switch baseline (`--baseline`, P 8, mask 0.8)",
           "maskfeat": "authors' MaskFeat settings (`--baseline`, P 1, mask 0.4)"}
@@ -25,11 +28,11 @@ def run_dir(root, model, seed):
 
 
 def load(path):
-    """The JSON (or JSON lines) file, or None where the run has not written it."""
+    """The JSON (or JSON lines, read as train.py reads them) file, or None where not written."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return json.load(f) if path.endswith(".json") else [json.loads(ln) for ln in f]
+        return json.load(f) if path.endswith(".json") else train.read_log(path)
 
 
 def training(folder, batch=256):
