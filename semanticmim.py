@@ -154,7 +154,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, q_in, kv_in, return_weights=False):
-        """q_in (B, Lq, D) attends over kv_in (B, Lk, D). Returns (B, Lq, D) [and (B, H, Lq, Lk)]."""
+        """q_in (B, Lq, D) attends over kv_in (B, Lk, D) -> (B, Lq, D), (B, H, Lq, Lk) or None."""
         B, Lq, D = q_in.shape
         Lk, H = kv_in.shape[1], self.heads
         if q_in is kv_in:                                   # self-attention: one fused matmul
@@ -189,7 +189,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x, ctx=None, return_weights=False):
-        """x (B, L, D), ctx (B, Lc, D) or None -> (x (B, L, D), weights (B, H, L, Lc + L) or None)."""
+        """x (B, L, D), ctx (B, Lc, D) or None -> x (B, L, D), weights (B, H, L, Lc+L) or None."""
         if ctx is None:
             h = kv = self.norm1(x)                          # (B, L, D)
         else:

@@ -1,13 +1,10 @@
-"""Each test proves one claim of the four scripts and fails when the claim is false.
-
-Run: python -m pytest -q test_semanticmim.py   (no network; a few minutes on 2 CPU cores)
-Sections: helpers, 1 the method (semanticmim.py), 2 pre-training (train.py), 3 bad input,
-4 probe.py, 5 visualize.py, 6 the repository.
-"""
+"""Each test proves one claim of the four scripts (no network; a few minutes on 2 CPU cores)."""
+import argparse
 import errno
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -15,9 +12,12 @@ import sys
 import urllib.error
 import warnings
 from dataclasses import asdict
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import probe
 import semanticmim as sm
@@ -28,7 +28,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "experiments"))
 import bench  # noqa: E402  experiments/bench.py
 
-
 # ---- helpers: one tiny config, one tiny run, one way to run a script, one way to patch a step ----
 TINY = dict(img_size=32, patch_size=4, dim=32, depth=3, heads=2, num_proxies=4)
 # a tiny synthetic run of train.py: 128 images, global batch 16 -> 8 steps per epoch, fp32
@@ -37,10 +36,8 @@ TINY_RUN = ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size",
             "--amp", "none"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-
 def tiny(**kw):
     return sm.Config(**{**TINY, **kw})
-
 
 def run(script, *args, timeout=120, **kw):
     """python SCRIPT ARGS in the repository root, one thread, output captured, time-limited."""
@@ -48,14 +45,12 @@ def run(script, *args, timeout=120, **kw):
                           capture_output=True, text=True, cwd=kw.pop("cwd", HERE), env=ENV,
                           timeout=timeout, **kw)
 
-
 def torchrun(script, *args, nproc=2, timeout=300):
     """The same under torchrun with nproc Gloo processes (a rank that never exits fails it)."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", os.path.join(HERE, script),
                            *map(str, args)], capture_output=True, text=True, cwd=HERE, env=ENV,
                           timeout=timeout)
-
 
 def patch_forward(monkeypatch, change):
     """SemanticMIM.forward returns change(n, loss) for the loss of its n-th call (1-based)."""
@@ -66,52 +61,52 @@ def patch_forward(monkeypatch, change):
         return change(len(calls), forward(self, *a))
     monkeypatch.setattr(sm.SemanticMIM, "forward", patched)
 
+def one_line(main, argv, capsys):
+    """A script's main on bad input -> (exit status, the one line it printed or exited with)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    code, err = e.value.code, capsys.readouterr().err
+    return (1, code) if isinstance(code, str) else (code, err.strip())
 
 def write_image_folder(root, split, per_class, colour, size=lambda i: (40 + i, 36), ext="png"):
-    """root/split/class0 and class1, per_class solid images each: image i of class c has
-    colour(c, i) and size(i)."""
-    from PIL import Image
+    """root/split/class0 and class1, per_class solid images: image i of class c is colour(c, i)."""
     for c in range(2):
         d = root / split / f"class{c}"
         d.mkdir(parents=True)
         for i in range(per_class):
             Image.new("RGB", size(i), colour(c, i)).save(d / f"{i}.{ext}")
 
-
 def masks(cfg, batch, seed=0):
     return sm.random_masking(batch, cfg.num_patches, cfg.num_masked,
                              torch.Generator().manual_seed(seed), "cpu")
 
-
 def weights_of(path):
     return torch.load(path, weights_only=True)["model"]
 
+def seeded(**kw):
+    """A tiny model seeded 0 (eval mode), its config, 2 random images and their masks."""
+    torch.manual_seed(0)
+    cfg = tiny(**kw)
+    return sm.SemanticMIM(cfg).eval(), cfg, torch.randn(2, 3, 32, 32), *masks(cfg, 2)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models: one thread is faster than two, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads, _ = torch.get_num_threads(), torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny trained checkpoint, at a high lr so that its weights are far from their start."""
-    out = tmp_path_factory.mktemp("run")
-    train.main(TINY_RUN + ["--blr", "0.05", "--out", str(out)])
-    return str(out / "checkpoint.pt")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two tiny checkpoints: SemanticMIM with the HOG target, the baseline with pixels."""
+    """runs/sm: SemanticMIM, HOG, at a high lr (far from its start); runs/base: baseline, pixels."""
     root = tmp_path_factory.mktemp("runs")
-    train.main(TINY_RUN + ["--out", str(root / "sm")])
+    train.main(TINY_RUN + ["--blr", "0.05", "--out", str(root / "sm")])
     train.main(TINY_RUN + ["--baseline", "--target", "pixel", "--out", str(root / "base")])
     return root
 
+@pytest.fixture(scope="module")
+def ckpt(runs):
+    return str(runs / "sm" / "checkpoint.pt")
 
 # ---- 1. the method: patches, masks, attention, information flow, targets, loss ------------------
 def test_patchify_orders_patches_row_major_and_pixels_row_col_channel():
@@ -120,7 +115,6 @@ def test_patchify_orders_patches_row_major_and_pixels_row_col_channel():
     assert p.shape == (2, 64, 48)
     assert torch.equal(p[0, 1], x[0, :, 0:4, 4:8].permute(1, 2, 0).reshape(-1))  # row 0, col 1
     assert torch.equal(visualize.unpatchify(p, 4), x)
-
 
 def test_masks_have_exactly_nm_sorted_patches_per_image_disjoint_unless_independent():
     B, N, Nm = 64, 64, math.ceil(64 * 0.8)
@@ -134,7 +128,6 @@ def test_masks_have_exactly_nm_sorted_patches_per_image_disjoint_unless_independ
     assert keep.shape == (B, N - Nm) and all(len(set(m)) == Nm for m in mask.tolist())
     assert sum(len(set(k) & set(m)) for k, m in zip(keep.tolist(), mask.tolist())) > 0  # apart
 
-
 def test_sdpa_path_equals_explicit_softmax_path_and_fused_equals_split():
     torch.manual_seed(0)
     attn = sm.Attention(32, 4)
@@ -145,7 +138,6 @@ def test_sdpa_path_equals_explicit_softmax_path_and_fused_equals_split():
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 5))
     torch.testing.assert_close(attn(kv, kv)[0], attn(kv, kv.clone())[0], atol=1e-6, rtol=1e-5)
-
 
 def test_block_ln1_normalises_query_and_keys_with_its_own_weights():
     torch.manual_seed(0)
@@ -159,7 +151,6 @@ def test_block_ln1_normalises_query_and_keys_with_its_own_weights():
     torch.testing.assert_close(out, expect)
     assert weights is None and blk(x, ctx, return_weights=True)[1].shape == (2, 2, 3, 7)
 
-
 def predict_with_hooks(model, imgs, keep, mask, hooks):
     handles = [mod.register_forward_hook(fn) for mod, fn in hooks]
     try:
@@ -169,46 +160,25 @@ def predict_with_hooks(model, imgs, keep, mask, hooks):
         for h in handles:
             h.remove()
 
-
 @pytest.mark.parametrize("baseline", [False, True])
 def test_mask_tokens_see_images_only_through_the_proxies(baseline):
-    """Change the image but force the proxies every mask block reads to their values for the
-    old image: the [MASK] predictions must not move. The baseline, where [MASK] attends to
-    [IMG] directly, fails the same check (so the check can fail)."""
-    torch.manual_seed(0)
-    cfg = tiny(baseline=baseline)
-    model, P = sm.SemanticMIM(cfg).eval(), cfg.num_proxies
-    a, b = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
-    keep, mask = masks(cfg, 2)
-    seen = {}
+    """New image, its proxies forced to the old one's: [MASK] predictions stay (baseline: move)."""
+    model, cfg, a, keep, mask = seeded(baseline=baseline)
+    b, P, seen = torch.randn(2, 3, 32, 32), cfg.num_proxies, {}
 
-    def record(i):
-        def hook(mod, inp, out):
-            seen[i] = out[0][:, :P].clone()
-        return hook
-
-    def force(i):
-        def hook(mod, inp, out):
-            x = out[0].clone()
-            x[:, :P] = seen[i]
-            return x, out[1]
-        return hook
-    pred_a = predict_with_hooks(model, a, keep, mask, [(blk, record(i))
-                                                       for i, blk in enumerate(model.blocks)])
-    forced = predict_with_hooks(model, b, keep, mask, [(blk, force(i))
-                                                       for i, blk in enumerate(model.blocks)])
+    def every_block(fn):                                # fn(depth, output) -> new output or None
+        return [(blk, lambda m, inp, out, i=i: fn(i, out)) for i, blk in enumerate(model.blocks)]
+    pred_a = predict_with_hooks(model, a, keep, mask, every_block(
+        lambda i, out: seen.__setitem__(i, out[0][:, :P].clone())))
+    forced = predict_with_hooks(model, b, keep, mask, every_block(
+        lambda i, out: (torch.cat([seen[i], out[0][:, P:]], 1), out[1])))
     assert not torch.allclose(pred_a, predict_with_hooks(model, b, keep, mask, []), atol=1e-4)
     assert torch.equal(pred_a, forced) != baseline
 
-
 @pytest.mark.parametrize("baseline", [False, True])
 def test_img_and_proxy_tokens_never_see_mask_tokens(baseline):
-    """Change the [MASK] token: every main-stack output stays bit for bit the same (and in the
-    one-stream baseline it does not)."""
-    torch.manual_seed(0)
-    cfg = tiny(baseline=baseline)
-    model = sm.SemanticMIM(cfg).eval()
-    imgs, (keep, mask) = torch.randn(2, 3, 32, 32), masks(cfg, 2)
+    """Another [MASK] token: every main-stack output stays bit for bit (baseline: it moves)."""
+    model, cfg, imgs, keep, mask = seeded(baseline=baseline)
     rows = cfg.num_proxies + keep.shape[1]                      # [PROXY; IMG] rows
 
     def main_outputs():
@@ -221,28 +191,21 @@ def test_img_and_proxy_tokens_never_see_mask_tokens(baseline):
         model.mask_token.add_(torch.randn_like(model.mask_token))
     assert all(torch.equal(x, y) for x, y in zip(before, main_outputs())) != baseline
 
-
 def test_mask_block_reads_the_proxies_output_by_the_main_block_of_the_same_depth():
-    torch.manual_seed(0)
-    cfg = tiny(depth=3)
-    model, P = sm.SemanticMIM(cfg).eval(), cfg.num_proxies
-    imgs, (keep, mask) = torch.randn(2, 3, 32, 32), masks(cfg, 2)
+    model, cfg, imgs, keep, mask = seeded(depth=3)
+    P = cfg.num_proxies
 
-    def mask_outputs(perturb_depth=None):
+    def mask_outputs(bump_depth=None):
         outs = []
         hooks = [(mb, lambda m, i, o: outs.append(o[0].clone())) for mb in model.mask_blocks]
-        if perturb_depth is not None:
-            def bump(mod, inp, out):
-                x = out[0].clone()
-                x[:, :P] += torch.randn_like(x[:, :P])      # a constant would cancel in LN
-                return x, out[1]
-            hooks.append((model.blocks[perturb_depth], bump))
+        if bump_depth is not None:                     # noise: a constant would cancel in LN
+            hooks.append((model.blocks[bump_depth], lambda m, i, o: (torch.cat(
+                [o[0][:, :P] + torch.randn_like(o[0][:, :P]), o[0][:, P:]], 1), o[1])))
         predict_with_hooks(model, imgs, keep, mask, hooks)
         return outs
-    clean, bumped = mask_outputs(), mask_outputs(perturb_depth=1)
+    clean, bumped = mask_outputs(), mask_outputs(bump_depth=1)
     assert torch.equal(clean[0], bumped[0])          # mask block 0 is before main block 1's output
     assert not torch.allclose(clean[1], bumped[1])   # mask block 1 reads main block 1's proxies
-
 
 def test_baseline_is_one_stream_with_the_same_main_stack():
     cfg = tiny()
@@ -252,15 +215,12 @@ def test_baseline_is_one_stream_with_the_same_main_stack():
     assert count(base) == count(semantic) - count(semantic.mask_blocks)
     keep, mask = masks(cfg, 2)
     lengths = []
-    predict_with_hooks(base, torch.randn(2, 3, 32, 32), keep, mask,
-                       [(blk, lambda m, i, o: lengths.append(o[0].shape[1])) for blk in base.blocks])
+    hooks = [(blk, lambda m, i, o: lengths.append(o[0].shape[1])) for blk in base.blocks]
+    predict_with_hooks(base, torch.randn(2, 3, 32, 32), keep, mask, hooks)
     assert lengths == [cfg.num_proxies + keep.shape[1] + mask.shape[1]] * cfg.depth
 
-
 def test_features_are_the_main_stack_on_all_patches_block_by_block():
-    torch.manual_seed(0)
-    model = sm.SemanticMIM(tiny()).eval()
-    imgs = torch.randn(2, 3, 32, 32)
+    model, _, imgs, _, _ = seeded()
     with torch.no_grad():
         outs, attn = model.features(imgs, 2, return_attn=True)
         x = torch.cat(model.embed(imgs), 1)
@@ -274,7 +234,6 @@ def test_features_are_the_main_stack_on_all_patches_block_by_block():
         model.features(imgs, 4)
     with pytest.raises(ValueError, match="expects 32x32"):
         model.features(torch.randn(1, 3, 28, 28))
-
 
 def naive_hog(img, p, nbins=9):
     """The authors' HOG written out pixel by pixel in plain Python, for one image (3, H, W)."""
@@ -307,51 +266,31 @@ def naive_hog(img, p, nbins=9):
              for r in range(2) for s in range(2)]
             for py in range(H // p) for qx in range(W // p)]
 
-
-@pytest.mark.parametrize("size,patch,batch", [(224, 16, 1), (32, 4, 2)])
-def test_hog_equals_naive_loop(size, patch, batch):
+@pytest.mark.parametrize("size,patch,batch", [(224, 16, 1), (32, 4, 2), (48, 8, 1)])
+def test_hog_equals_naive_loop(size, patch, batch):  # an odd patch: TRAIN_ERRORS
     torch.manual_seed(0)
     imgs = torch.randn(batch, 3, size, size, dtype=torch.float64)
-    hog = sm.hog_target(imgs, patch)
-    assert hog.shape == (batch, (size // patch) ** 2, 108)
-    for i in range(batch):
-        expect = torch.tensor(naive_hog(imgs[i], patch), dtype=torch.float64)
-        torch.testing.assert_close(hog[i], expect, atol=1e-10, rtol=1e-8)
+    expect = torch.tensor([naive_hog(im, patch) for im in imgs], dtype=torch.float64)  # (B, N, 108)
+    torch.testing.assert_close(sm.hog_target(imgs, patch), expect, atol=1e-10, rtol=1e-8)
 
-
-def test_hog_works_at_other_sizes_and_refuses_odd_patches():
-    assert sm.hog_target(torch.randn(1, 3, 48, 48), 8).shape == (1, 36, 108)
-    with pytest.raises(ValueError, match="even"):
-        sm.Config(patch_size=3, img_size=33)
-
-
-def test_pixel_target_is_normalised_per_patch():
+def test_pixel_target_is_normalised_per_patch_and_the_target_fp32_under_bf16_autocast():
     imgs = torch.rand(2, 3, 32, 32) * 5 + 3
-    t = sm.pixel_target(imgs, 4)
-    assert t.shape == (2, 64, 48)
+    t = sm.pixel_target(imgs, 4)                                 # (2, 64, 48)
     torch.testing.assert_close(t.mean(-1), torch.zeros(2, 64), atol=1e-5, rtol=0)
     torch.testing.assert_close(t.std(-1), torch.ones(2, 64), atol=1e-4, rtol=0)
     patch = imgs[0, :, 4:8, 8:12].permute(1, 2, 0).reshape(-1)   # patch (1, 2)
     torch.testing.assert_close(t[0, 10], (patch - patch.mean()) / (patch.var() + 1e-6) ** 0.5)
-
-
-def test_target_is_fp32_under_bf16_autocast():
-    imgs = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        t = sm.SemanticMIM(tiny()).target(imgs)
+        t = sm.SemanticMIM(tiny()).target(imgs)                  # HOG
     assert t.dtype == torch.float32 and torch.equal(t, sm.hog_target(imgs, 4))
 
-
 def test_loss_is_mse_on_masked_patches_only():
-    torch.manual_seed(0)
-    cfg = tiny(target="pixel")
-    model, imgs, (keep, mask) = sm.SemanticMIM(cfg), torch.randn(2, 3, 32, 32), masks(cfg, 2)
+    model, cfg, imgs, keep, mask = seeded(target="pixel")
     with torch.no_grad():
         pred = model.predict(imgs, keep, mask)[0]
         expect = ((pred - sm.gather_tokens(sm.pixel_target(imgs, 4), mask)) ** 2).mean()
         assert pred.shape == (2, cfg.num_masked, 48)
         torch.testing.assert_close(model(imgs, keep, mask), expect)
-
 
 @pytest.mark.parametrize("baseline", [False, True])
 def test_tiny_model_overfits_one_batch(baseline):
@@ -368,22 +307,18 @@ def test_tiny_model_overfits_one_batch(baseline):
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
-
 def test_a_checkpoint_rebuilds_its_own_model_and_a_mismatch_is_refused(tmp_path):
-    torch.manual_seed(0)
-    cfg = tiny()
-    model = sm.SemanticMIM(cfg)
+    model, cfg, imgs, keep, mask = seeded()
     path = str(tmp_path / "checkpoint.pt")
     train.save_checkpoint(path, model=model.state_dict(), config=asdict(cfg))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]             # no temporary file left
     loaded, _ = train.load_model(path)
-    imgs, (keep, mask) = torch.randn(2, 3, 32, 32), masks(cfg, 2)
     assert loaded.cfg == cfg and not loaded.training
-    assert torch.equal(loaded.predict(imgs, keep, mask)[0], model.eval().predict(imgs, keep, mask)[0])
+    assert torch.equal(loaded.predict(imgs, keep, mask)[0],
+                       model.eval().predict(imgs, keep, mask)[0])
     train.save_checkpoint(path, model=model.state_dict(), config=asdict(tiny(num_proxies=1)))
     with pytest.raises(SystemExit, match="size mismatch for pos_embed"):
         train.load_model(path)
-
 
 # ---- 2. pre-training: schedule, data, runs, resume, processes -----------------------------------
 def test_lr_schedule_and_parameter_groups():
@@ -398,23 +333,20 @@ def test_lr_schedule_and_parameter_groups():
     assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
 
-
 def test_batch_augmentation_crops_and_flips():
     x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     whole = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9]] * 2)      # scale 1, ratio 1, centred, no flip
     torch.testing.assert_close(train.augment(x, 28, whole), x.float() / 255, atol=1e-5, rtol=0)
-    flipped = whole.clone()
-    flipped[:, 4] = 0.1
+    flipped = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.1]] * 2)    # the same, flipped
     torch.testing.assert_close(train.augment(x, 28, flipped), x.flip(-1).float() / 255,
                                atol=1e-5, rtol=0)
     out = train.augment(x, 32, torch.rand(2, 5))
     assert out.shape == (2, 1, 32, 32) and 0 <= out.min() and out.max() <= 1
     assert train.to_model_input(x, 32, (0.5,) * 3, (0.25,) * 3).shape == (2, 3, 32, 32)
 
-
-def test_fashion_mnist_reads_the_offline_idx_files(tmp_path):
-    """The documented offline route: IDX files unpacked into ROOT/FashionMNIST/raw/."""
-    raw = tmp_path / "FashionMNIST" / "raw"
+def test_offline_fashion_mnist_reads_idx_files_and_no_network_names_the_offline_choices(
+        tmp_path, monkeypatch):
+    raw = tmp_path / "FashionMNIST" / "raw"                # the documented offline route
     raw.mkdir(parents=True)
     for split, n in (("train", 6), ("t10k", 4)):
         imgs = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
@@ -425,27 +357,18 @@ def test_fashion_mnist_reads_the_offline_idx_files(tmp_path):
     x, y, classes = train.load_split("fashion_mnist", str(tmp_path), "train", 32)
     assert x.shape == (6, 1, 28, 28) and x.dtype == torch.uint8 and y.tolist() == list(range(6))
     assert len(classes) == 10
-
-
-def test_no_network_gives_one_line_naming_the_offline_choices(monkeypatch, tmp_path):
-    def offline(*a, **k):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(train.torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(train.torchvision.datasets, "CIFAR10",
+                        mock.Mock(side_effect=urllib.error.URLError("no network")))
     with pytest.raises(SystemExit, match="offline choices: --dataset fashion_mnist"):
         train.load_split("cifar10", str(tmp_path), "train", 32)
 
-
 def test_image_files_of_every_format_decode_to_the_rgb_pixels_pil_sees(tmp_path):
-    """torchvision.io reads JPEG (RGB, grayscale, CMYK), PNG (RGBA, palette, 16-bit: scaled,
-    where PIL's RGB conversion clips) and odd sizes; PIL what it cannot (BMP, TIFF)."""
-    import numpy as np
-    from PIL import Image
+    """torchvision.io: JPEG, PNG (16-bit scaled, where PIL clips), odd sizes; PIL: BMP, TIFF."""
     rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     files = {"rgb.jpg": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb[..., 0]),
-             "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+             "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"), "rgb.tiff": Image.fromarray(rgb),
              "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
-             "palette.png": Image.fromarray(rgb).convert("P"), "rgb.bmp": Image.fromarray(rgb),
-             "rgb.tiff": Image.fromarray(rgb)}
+             "palette.png": Image.fromarray(rgb).convert("P"), "rgb.bmp": Image.fromarray(rgb)}
     for name, im in files.items():
         im.save(tmp_path / name)
         x = train.decode_image(str(tmp_path / name))
@@ -458,9 +381,7 @@ def test_image_files_of_every_format_decode_to_the_rgb_pixels_pil_sees(tmp_path)
     crop = train.folder_transform(32, True)(train.decode_image(str(tmp_path / "rgb.jpg")))
     assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
 
-
 def test_image_folder_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
-    from PIL import Image
     write_image_folder(tmp_path, "train", 3, lambda c, i: (40 * c + i, 90, 200))
     Image.linear_gradient("L").convert("RGB").save(tmp_path / "train" / "class1" / "1.png")
     images, labels, classes = train.load_split("imagefolder", str(tmp_path), "train", 32,
@@ -469,48 +390,42 @@ def test_image_folder_augmentation_is_a_function_of_seed_epoch_and_index(tmp_pat
     assert torch.equal(images[(2, 4)][0], images[(2, 4)][0])  # any worker, any order, any time
     assert not torch.equal(images[(2, 4)][0], images[(3, 4)][0])  # another epoch, another crop
     keys = [(0, i) for i in range(6)]
-    one = torch.cat(list(train.batches(images, keys, 6, torch.device("cpu"), 32, (0,) * 3,
-                                       (1,) * 3)))
-    two = torch.cat(list(train.batches(images, keys, 2, torch.device("cpu"), 32, (0,) * 3,
-                                       (1,) * 3, workers=2)))
-    assert one.shape == (6, 3, 32, 32) and torch.equal(one, two)
 
+    def every(n, **k):                                      # all 6 images, in batches of n
+        return torch.cat(list(train.batches(images, keys, n, torch.device("cpu"), 32, (0,) * 3,
+                                            (1,) * 3, **k)))
+    assert every(6).shape == (6, 3, 32, 32) and torch.equal(every(6), every(2, workers=2))
 
-def test_image_folder_training_reads_data_train_with_workers(tmp_path):
+def test_image_folder_training_cuts_workers_to_the_cpus_and_stops_at_an_unreadable_image(
+        tmp_path):
+    """--workers 64: a note, no PyTorch warning; a truncated file stops in one line, unused."""
     write_image_folder(tmp_path, "train", 8, lambda c, i: (40 * c + i, 90, 200))
-    out = tmp_path / "run"
-    train.main(["--data", str(tmp_path), "--preset", "cifar", "--dim", "32", "--depth", "1",
-                "--heads", "2", "--batch-size", "8", "--workers", "2", "--out", str(out)])
-    assert weights_of(out / "checkpoint.pt")["pos_embed"].shape == (1, 72, 32)
-
-
-def test_an_unreadable_image_stops_training_with_its_name_and_the_checkpoint_intact(tmp_path):
-    """With 2 DataLoader workers: a truncated file met after the first checkpoint stops the run
-    (exit 1, one line naming the file, no traceback) before any step uses the batch; the
-    checkpoint and the log stay as they were, and --resume continues once it is fixed."""
-    write_image_folder(tmp_path, "train", 8, lambda c, i: (40 * c + i, 90, 200))
-    out = tmp_path / "run"
+    out, cpus = tmp_path / "run", len(os.sched_getaffinity(0))
     argv = ["train.py", "--data", tmp_path, "--dim", "32", "--depth", "1", "--heads", "2",
-            "--preset", "cifar", "--batch-size", "8", "--workers", "2", "--epochs", "2",
+            "--preset", "cifar", "--batch-size", "8", "--workers", "64", "--epochs", "2",
             "--log-every", "1", "--out", out]
-    assert run(*argv, "--stop-at", "2").returncode == 0
+    r = run(*argv, "--stop-at", "2")
+    assert r.returncode == 0 and "worker" not in r.stderr, r.stderr
+    assert f"note: --workers 64 is more than the {cpus} CPUs here: using {cpus}" in r.stdout
+    assert weights_of(out / "checkpoint.pt")["pos_embed"].shape == (1, 72, 32)  # cifar: P = 8
     saved = {f: (out / f).read_bytes() for f in ("checkpoint.pt", "log.jsonl")}
     bad = tmp_path / "train" / "class1" / "3.png"
     good = bad.read_bytes()
     bad.write_bytes(good[:len(good) // 2])
-    r = run(*argv, "--resume")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"error: cannot read image {bad} (OSError: image "
-                                             f"file is truncated): remove or replace that file, "
-                                             f"then run again"]
+    r = run(*argv, "--resume")                                 # one line: no traceback
+    assert (r.returncode, r.stderr.strip()) == (1, f"error: cannot read image {bad} (OSError: "
+                                                   f"image file is truncated): remove or replace "
+                                                   f"that file, then run again")
     assert {f: (out / f).read_bytes() for f in saved} == saved
     bad.write_bytes(good)
     r = run(*argv, "--resume")
     assert r.returncode == 0 and "step 4/4" in r.stdout, r.stderr
 
-
-def test_a_finished_run_ends_with_its_checkpoint_and_the_next_commands(tmp_path, capsys):
+def test_a_new_run_replaces_a_log_without_checkpoint_and_ends_naming_the_next_commands(
+        tmp_path, capsys):
     out = tmp_path / "my run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 2, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n' * 3)
     for again in (False, True):                             # and when there is nothing to do
         train.main(TINY_RUN + ["--out", str(out)] + (["--resume"] if again else []))
         path = str(out / "checkpoint.pt")
@@ -519,62 +434,42 @@ def test_a_finished_run_ends_with_its_checkpoint_and_the_next_commands(tmp_path,
         assert lines[-4:] == [f"checkpoint: {path}", "next:", f"  python probe.py {quoted}",
                               f"  python visualize.py {quoted}"]
         assert ("nothing to do" in lines[-5]) == again
+        assert any("holds an earlier run that wrote no checkpoint: starting a new log" in s
+                   for s in lines) != again
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", "run.lock"]
     log = train.read_log(out / "log.jsonl")                 # a record per progress line
     assert [r["step"] for r in log] == [2, 4, 6, 8] and all(r["img_per_s"] > 0 for r in log)
 
-
-def test_exact_resume_is_bitwise(tmp_path):
-    """Stopped mid-epoch at step 5 and resumed == uninterrupted (2 epochs of 8 steps, bf16)."""
-    args = TINY_RUN + ["--epochs", "2", "--amp", "bf16"]
+@pytest.mark.parametrize("amp,stop,saved", [("bf16", ["--stop-at", "5"], 5), ("none", [], 4)])
+def test_a_stopped_run_resumes_bitwise_to_the_uninterrupted_run(amp, stop, saved, tmp_path,
+                                                                monkeypatch):
+    """--stop-at 5 saves at step 5; a SIGTERM in step 3 at the next progress line, step 4."""
+    args, before = TINY_RUN + ["--epochs", "2", "--amp", amp], signal.getsignal(signal.SIGTERM)
     train.main(args + ["--out", str(tmp_path / "full")])
-    train.main(args + ["--out", str(tmp_path / "split"), "--stop-at", "5"])
-    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["step"] == 5
+    with monkeypatch.context() as m:
+        if not stop:                                            # a pre-empted job
+            patch_forward(m, lambda n, x: n == 3 and os.kill(os.getpid(), signal.SIGTERM) or x)
+        train.main(args + ["--out", str(tmp_path / "split")] + stop)
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["step"] == saved
     train.main(["--resume", "--out", str(tmp_path / "split")])
     a, b = (weights_of(tmp_path / d / "checkpoint.pt") for d in ("full", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [rec["step"] for rec in train.read_log(tmp_path / "split" / "log.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 16      # no duplicated log lines
-
-
-def test_sigterm_saves_at_the_next_progress_line_and_resume_is_still_exact(tmp_path,
-                                                                          monkeypatch):
-    """A pre-empted job (SIGTERM during step 3) saves at step 4 (--log-every 2) and exits;
-    --resume then ends with the weights of the uninterrupted run."""
-    args = TINY_RUN + ["--epochs", "2"]
-    before = signal.getsignal(signal.SIGTERM)
-    train.main(args + ["--out", str(tmp_path / "full")])
-    with monkeypatch.context() as m:
-        patch_forward(m, lambda n, loss: (n == 3 and os.kill(os.getpid(), signal.SIGTERM)) or loss)
-        train.main(args + ["--out", str(tmp_path / "split")])
-    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["step"] == 4
-    train.main(["--resume", "--out", str(tmp_path / "split")])
-    a, b = (weights_of(tmp_path / d / "checkpoint.pt") for d in ("full", "split"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
     assert signal.getsignal(signal.SIGTERM) is before            # handlers are restored
-
-
-def killed_at(n):
-    def change(calls, loss):
-        if calls == n:
-            raise KeyboardInterrupt
-        return loss
-    return change
-
 
 @pytest.mark.parametrize("minutes,saved", [(0, None), (1e-9, 4)])
 def test_ckpt_minutes_saves_at_the_first_progress_line_once_due(minutes, saved, tmp_path,
                                                                  monkeypatch):
-    """Killed at step 6 with --ckpt-every far away: --ckpt-minutes (here: due at once) had
-    saved at the progress line of step 4; with 0 nothing was saved."""
-    patch_forward(monkeypatch, killed_at(6))
+    """Killed at step 6, --ckpt-every far: --ckpt-minutes due at once saved at step 4; 0 never."""
+    patch_forward(monkeypatch, lambda n, loss: loss if n < 6 else mock.Mock(
+        side_effect=KeyboardInterrupt)())                       # killed in step 6
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train.main(TINY_RUN + ["--ckpt-every", "1000", "--ckpt-minutes", str(minutes),
                                "--out", str(out)])
     path = out / "checkpoint.pt"
     assert (torch.load(path, weights_only=True)["step"] if path.exists() else None) == saved
-
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     patch_forward(monkeypatch, lambda n, loss: loss * float("nan") if n > 6 else loss)
@@ -583,17 +478,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         train.main(TINY_RUN + ["--ckpt-every", "4", "--log-every", "1", "--out", str(out)])
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
-
-def test_a_new_run_over_a_run_that_saved_nothing_starts_a_fresh_log(tmp_path, capsys):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "log.jsonl").write_text('{"step": 2, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n' * 3)
-    train.main(TINY_RUN + ["--out", str(out)])
-    assert "holds an earlier run that wrote no checkpoint: starting a new log" in \
-        capsys.readouterr().out
-    assert [rec["step"] for rec in train.read_log(out / "log.jsonl")] == [2, 4, 6, 8]
-
 
 def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     args = TINY_RUN + ["--epochs", "2", "--blr", "0.05", "--clip", "0"]
@@ -608,22 +492,18 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert moved > 1e-2 and diff < 1e-5, (moved, diff)
 
-
 @pytest.mark.parametrize("baseline,plain", [(False, False), (True, False), (True, True)])
 def test_analytic_flop_count_equals_torch_flop_counter(baseline, plain, monkeypatch):
-    """The benchmark's FLOPs per image equal what torch's FlopCounterMode counts in a training
-    step (attention written out as matmuls: the counter does not see the CPU SDPA kernel)."""
+    """bench's FLOPs per image = FlopCounterMode's in a step (SDPA as matmuls: CPU's is unseen)."""
     from torch.utils.flop_counter import FlopCounterMode
     monkeypatch.setattr(sm.F, "scaled_dot_product_attention", lambda q, k, v: (
         q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1) @ v)
-    cfg = tiny(baseline=baseline)
-    model, imgs, (keep, mask) = sm.SemanticMIM(cfg), torch.randn(2, 3, 32, 32), masks(cfg, 2)
+    model, cfg, imgs, keep, mask = seeded(baseline=baseline)
     with FlopCounterMode(display=False) as counter:
         (bench.plain_vit_loss(model, imgs) if plain else model(imgs, keep, mask)).backward()
     counts = counter.get_flop_counts()["Global"]
     matmuls = sum(v for k, v in counts.items() if "convolution" not in str(k))  # not the HOG
     assert matmuls == 2 * bench.flops_per_image(cfg, plain)
-
 
 def test_bench_reports_the_three_models_and_the_loader(capsys):
     results = bench.main(TINY_RUN + ["--batch-size", "8"])
@@ -641,10 +521,8 @@ def test_bench_reports_the_three_models_and_the_loader(capsys):
     assert "command: python experiments/bench.py --dataset synthetic" in out
     assert "loader (synthetic, in memory, augmented on cpu)" in out
 
-
 def test_bench_loader_times_the_training_batches(tmp_path, monkeypatch):
-    """bench_loader times the batches train.py would get (image folder, with workers): every
-    timed batch is a real (B, 3, S, S) batch, and the rate is those images over the time."""
+    """It times real (B, 3, S, S) batches as train.py gets them (folder, workers): images / time."""
     write_image_folder(tmp_path, "train", 12, lambda c, i: (40 * c + i, 90, 200),
                        size=lambda i: (50, 40), ext="jpg")
     args = train.parse_args(["--data", str(tmp_path), "--preset", "cifar", "--batch-size", "4",
@@ -661,11 +539,9 @@ def test_bench_loader_times_the_training_batches(tmp_path, monkeypatch):
     assert bench.bench_loader(args, cfg, torch.device("cpu"), batches=3) == 3 * 4 / 1.0
     assert shapes == [(4, 3, 32, 32)] * 4               # 1 warm-up + 3 timed batches
 
-
 def test_a_failed_save_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                             monkeypatch, capsys):
-    """The disk fills at the second save (a partial temporary file, then ENOSPC): one line with
-    the folder, the cause and how to go on; no temporary file; step 4's checkpoint intact."""
+    """A full disk at the 2nd save: one line (folder, cause, what next), no temp file, step 4."""
     real, out = torch.save, tmp_path / "run"
 
     def full_disk(obj, path, *a, **k):
@@ -683,7 +559,6 @@ def test_a_failed_save_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", "run.lock"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
 
-
 def test_a_failed_log_write_stops_in_one_line(tmp_path, monkeypatch, capsys):
     def full_disk(path, mode="r", *a, **k):
         if str(path).endswith("log.jsonl") and mode == "a":
@@ -693,7 +568,6 @@ def test_a_failed_log_write_stops_in_one_line(tmp_path, monkeypatch, capsys):
     status, line = one_line(train.main, TINY_RUN + ["--out", str(tmp_path)], capsys)
     assert status == 1 and line.startswith(f"error: could not write the log {tmp_path}/log.jsonl "
                                            f"(No space left on device); no checkpoint was written")
-
 
 def test_a_log_cut_short_by_a_kill_is_read_without_its_last_line_and_resumed(tmp_path, capsys):
     train.main(TINY_RUN + ["--epochs", "2", "--stop-at", "4", "--out", str(tmp_path)])
@@ -708,11 +582,8 @@ def test_a_log_cut_short_by_a_kill_is_read_without_its_last_line_and_resumed(tmp
     with pytest.raises(SystemExit, match="line 2 is not JSON: repair or remove that line"):
         train.read_log(tmp_path / "log.jsonl")
 
-
 def test_one_run_per_folder_while_its_run_lives_and_free_once_it_dies(tmp_path):
-    """A live process holds the folder's lock: a new run, a --resume and a 2-process torchrun
-    stop in one line naming its PID and touch nothing; once it is killed (-9, no clean-up) the
-    folder is free."""
+    """A live lock holder stops a run and a torchrun in one line naming its PID; killed -9: free."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; l = train."
                                "lock_folder(sys.argv[1], 0, 1, 'cpu'); print('held', flush=True); "
                                "time.sleep(120)", str(tmp_path)], cwd=HERE, env=ENV,
@@ -731,77 +602,54 @@ def test_one_run_per_folder_while_its_run_lives_and_free_once_it_dies(tmp_path):
         holder.wait()
     assert run("train.py", *TINY_RUN, "--out", tmp_path).returncode == 0
 
-
 # ---- 3. bad input: one line each, exit status 1 (2 for a flag), nothing written -----------------
-def one_line(main, argv, capsys):
-    """A script's main on bad input -> (exit status, the one line it printed or exited with)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    code, err = e.value.code, capsys.readouterr().err
-    return (1, code) if isinstance(code, str) else (code, err.strip())
-
-
 FLAG = "error: argument {}: {} is not allowed: it must be {} (see train.py --help)"
-TRAIN_ERRORS = [  # argv (--out TMP/o is added), the one line or a part of it
-    (["--batch-size", "0"], FLAG.format("--batch-size", 0, "an integer >= 1")),
-    (["--blr", "nan"], FLAG.format("--blr", "nan", "a number > 0")),
+TRAIN_ERRORS = [([flag, v], FLAG.format(flag, v, rule)) for flag, v, rule in (
+    ("--batch-size", "0", "an integer >= 1"), ("--blr", "nan", "a number > 0"),
+    ("--workers", "-1", "an integer >= 0"), ("--epochs", "0", "an integer >= 1"),
+    ("--mask-ratio", "1", "a number in (0, 1)"), ("--min-crop", "1.5", "a number in (0, 1]"),
+    ("--clip", "inf", "a number >= 0"), ("--ckpt-minutes", "-5", "a number >= 0"))] + [
+    # argv (after --out TMP/o; {run}: the ckpt fixture's folder), the line or its start
     (["--blr=-1e-3"], FLAG.format("--blr", "-1e-3", "a number > 0")),
-    (["--workers", "-1"], FLAG.format("--workers", -1, "an integer >= 0")),
-    (["--epochs", "0"], FLAG.format("--epochs", 0, "an integer >= 1")),
-    (["--mask-ratio", "1"], FLAG.format("--mask-ratio", 1, "a number in (0, 1)")),
-    (["--min-crop", "1.5"], FLAG.format("--min-crop", 1.5, "a number in (0, 1]")),
-    (["--clip", "inf"], FLAG.format("--clip", "inf", "a number >= 0")),
-    (["--ckpt-minutes", "-5"], FLAG.format("--ckpt-minutes", -5, "a number >= 0")),
     (["--dim", "x"], "error: argument --dim: 'x' is not an integer (see train.py --help)"),
     (["--data", "{tmp}/nowhere"], "error: no such folder {tmp}/nowhere: pass --data DIR"),
     (["--data", "{tmp}/empty"], "error: {tmp}/empty is not an image folder"),
     (["--dataset", "imagefolder"], "error: --dataset imagefolder needs --data DIR"),
     (TINY_RUN + ["--img-size", "30"], "error: image size 30 is not divisible by patch size 4"),
+    (TINY_RUN + ["--img-size", "33", "--patch-size", "3"], "error: the HOG target uses 2x2 "
+     "cells per patch, so the patch size must be even (got 3)"),
     (TINY_RUN + ["--num-proxies", "0"], "error: SemanticMIM needs at least one proxy"),
     (TINY_RUN + ["--batch-size", "512"], "error: 128 images give no full batch of 512: lower "
                                          "--batch-size"),
     (TINY_RUN + ["--resume"], "error: no checkpoint at {tmp}/o/checkpoint.pt"),
+    (TINY_RUN + ["--out", "{run}"], "error: {run}/checkpoint.pt exists: pass --resume to continue "
+                                    "that run, or choose another --out"),
+    (["--resume", "--epochs", "3", "--out", "{run}"], "error: --resume continues the saved run, "
+     "but these flags differ from it: --epochs 3 (saved 1); drop them or start a new --out"),
+    (["--resume", "--out", "{tmp}/weights"], "error: {tmp}/weights/checkpoint.pt is not a "
+     "checkpoint written by train.py (no optimizer, scaler, rng, step, args)"),  # config, model
 ]
 
-
 @pytest.mark.parametrize("argv,message", TRAIN_ERRORS)
-def test_every_bad_train_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
+def test_every_bad_train_input_is_one_line_and_writes_nothing(argv, message, ckpt, tmp_path,
+                                                              capsys):
     (tmp_path / "empty").mkdir()
-    fill = lambda s: s.replace("{tmp}", str(tmp_path))
-    status, line = one_line(train.main, [fill(a) for a in argv] + ["--out", str(tmp_path / "o")],
+    (tmp_path / "weights").mkdir()
+    torch.save({k: v for k, v in torch.load(ckpt, weights_only=True).items()
+                if k in ("config", "model")}, tmp_path / "weights" / "checkpoint.pt")
+    fill = lambda s: s.replace("{tmp}", str(tmp_path)).replace("{run}", os.path.dirname(ckpt))
+    status, line = one_line(train.main, ["--out", str(tmp_path / "o")] + [fill(a) for a in argv],
                             capsys)
     assert status == (2 if "argument" in message else 1) and "\n" not in line
     assert line.startswith(fill(message)), line
-    assert sorted(os.listdir(tmp_path)) == ["empty"]
-
-
-def test_more_workers_than_cpus_are_clamped_with_a_note_and_no_pytorch_warning(tmp_path):
-    write_image_folder(tmp_path, "train", 4, lambda c, i: (40 * c + i, 90, 200))
-    r = run("train.py", "--data", tmp_path, "--preset", "cifar", "--dim", "32", "--depth", "1",
-            "--heads", "2", "--batch-size", "8", "--workers", "64", "--out", tmp_path / "run")
-    cpus = len(os.sched_getaffinity(0))
-    assert r.returncode == 0 and "worker" not in r.stderr, r.stderr
-    assert f"note: --workers 64 is more than the {cpus} CPUs here: using {cpus}" in r.stdout
-
-
-def test_resume_refuses_a_flag_that_changes_the_run_and_a_second_new_run(ckpt, capsys):
-    folder = os.path.dirname(ckpt)
-    assert one_line(train.main, ["--resume", "--epochs", "3", "--out", folder], capsys) == (
-        1, "error: --resume continues the saved run, but these flags differ from it: --epochs 3 "
-           "(saved 1); drop them or start a new --out")
-    assert one_line(train.main, TINY_RUN + ["--out", folder], capsys) == (
-        1, f"error: {ckpt} exists: pass --resume to continue that run, or choose another --out")
-
+    assert sorted(os.listdir(tmp_path)) == ["empty", "weights"]
 
 def bad_checkpoints(good, root):
-    """{kind: (path, the message's core)}: every kind of file that is not a usable checkpoint,
-    each as ROOT/KIND/checkpoint.pt (where train.py --resume looks)."""
-    import argparse
+    """{kind: (path, the message's core)}: each unusable file as ROOT/KIND/checkpoint.pt."""
     ckpt, raw = torch.load(good, weights_only=True), open(good, "rb").read()
     incomplete = "is not a complete checkpoint: not the zip archive torch.save writes"
-    cases = {"truncated": (raw[:len(raw) // 2], incomplete),
+    cases = {"truncated": (raw[:len(raw) // 2], incomplete), "empty": (b"", incomplete),
              "random bytes": (os.urandom(4000), incomplete), "text": (b"text\n", incomplete),
-             "empty": (b"", incomplete),
              "pickled objects": ({**ckpt, "args": argparse.Namespace(**ckpt["args"])},
                                  "was not loaded: it holds objects other than tensors and plain "
                                  "values, and loading it could run code"),
@@ -814,14 +662,12 @@ def bad_checkpoints(good, root):
                                                 torch.full((96, 32), float("nan"))}},
                              "holds non-finite weights (first: blocks.1.attn.qkv.weight): it "
                              "cannot be used; take an earlier checkpoint")}
-    out = {}
     for kind, (content, message) in cases.items():
         path = root / kind.replace(" ", "_") / "checkpoint.pt"
         path.parent.mkdir(parents=True)
         path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
-        out[kind] = (str(path), message)
-    return out
-
+        cases[kind] = (str(path), message)
+    return cases
 
 @pytest.mark.parametrize("script", ["train.py", "probe.py", "visualize.py"])
 def test_every_bad_checkpoint_is_one_line_naming_the_file_and_left_untouched(script, ckpt,
@@ -841,15 +687,6 @@ def test_every_bad_checkpoint_is_one_line_naming_the_file_and_left_untouched(scr
             1, f"error: no checkpoint at {missing}: pass the checkpoint.pt that train.py wrote "
                f"in its --out folder")
 
-
-def test_a_weights_only_checkpoint_cannot_be_resumed(ckpt, tmp_path, capsys):
-    torch.save({k: v for k, v in torch.load(ckpt, weights_only=True).items()
-                if k in ("config", "model")}, tmp_path / "checkpoint.pt")
-    status, line = one_line(train.main, ["--resume", "--out", str(tmp_path)], capsys)
-    assert status == 1 and line.endswith("is not a checkpoint written by train.py (no optimizer, "
-                                         "scaler, rng, step, args)")
-
-
 def test_bad_inputs_end_in_one_line_without_a_traceback_in_real_processes(ckpt, tmp_path):
     bad = bad_checkpoints(ckpt, tmp_path)
     for argv, status, message in (
@@ -861,11 +698,7 @@ def test_bad_inputs_end_in_one_line_without_a_traceback_in_real_processes(ckpt, 
         assert r.returncode == status and r.stdout == "", (argv, r.stdout, r.stderr)
         assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
 
-
 # ---- 4. probe.py: the classifiers, the features, whole runs, processes, bad input ----------------
-# Uses, not redefines, what the file defines above: tiny, TINY_RUN, run, torchrun, one_line,
-# write_image_folder, the fixture ckpt (128 train / 32 test synthetic images, 10 classes, 2 blocks,
-# trained far from its start), and imports json, os, warnings, asdict, pytest, torch, sm, train.
 def test_linear_probe_learns_separable_features_and_not_random_labels():
     """Quadrants of two random hyperplanes (a margin kept): linearly separable, not clustered."""
     g = torch.Generator().manual_seed(0)
@@ -881,11 +714,9 @@ def test_linear_probe_learns_separable_features_and_not_random_labels():
     assert acc(y) >= 0.98
     assert acc(y[torch.randperm(len(y), generator=g)]) < 0.45  # chance is 0.25
 
-
 def unit(*degrees):
     a = torch.tensor(degrees, dtype=torch.float64).deg2rad()
     return torch.stack([a.cos(), a.sin()], 1).float()      # (n, 2), cos(angle) = similarity
-
 
 def test_knn_is_dinos_weighted_vote():
     test = unit(0)
@@ -905,7 +736,6 @@ def test_knn_is_dinos_weighted_vote():
     # k larger than the training set: all vote
     assert probe.knn_predict(train_f, train_y, test, 2, k=20).item() == 0
 
-
 def test_batched_knn_equals_dinos_loop_per_image():
     g = torch.Generator().manual_seed(0)
     train_f, test_f = torch.randn(300, 8, generator=g), torch.randn(70, 8, generator=g)
@@ -916,7 +746,6 @@ def test_batched_knn_equals_dinos_loop_per_image():
         expected.append((one_hot * (top / 0.07).exp()[:, None]).sum(0).argmax().item())
     for chunk in (1, 16, 256):
         assert probe.knn_predict(train_f, train_y, test_f, 5, chunk=chunk).tolist() == expected
-
 
 def test_pooling_dims_and_layer_select_the_block():
     torch.manual_seed(0)
@@ -934,7 +763,6 @@ def test_pooling_dims_and_layer_select_the_block():
     f = feats["patch", 3]                                   # parameter-free LayerNorm
     assert torch.allclose(f.mean(1), torch.zeros(5), atol=1e-5)
     assert torch.allclose(f.var(1, unbiased=False), torch.ones(5), atol=1e-2)
-
 
 def test_probe_end_to_end_writes_the_table_and_is_deterministic(ckpt, capsys):
     out = os.path.join(os.path.dirname(ckpt), "a.json")
@@ -966,9 +794,8 @@ def test_probe_end_to_end_writes_the_table_and_is_deterministic(ckpt, capsys):
                               atol=1e-2)
     assert probe.main(args)[0]["rows"] == report["rows"]
 
-
-def test_probe_progress_lines_every_ten_seconds_and_at_the_end(ckpt, monkeypatch, capsys):
-    clock = iter([0.0, 5.0, 11.0, 12.0, 30.0])
+def test_probe_progress_lines_every_ten_seconds_and_at_the_end(monkeypatch, capsys):
+    clock = iter([0.0, 5.0, 11.0, 12.0, 30.0])               # a real run: the next test
     monkeypatch.setattr(probe.time, "time", lambda: next(clock))
     update = probe.progress("features", 100, "images")      # started at 0 s
     for done in (10, 40, 50, 100):        # 5 s: quiet; 11 s: a line; 12 s: quiet; 30 s: the end
@@ -976,28 +803,21 @@ def test_probe_progress_lines_every_ten_seconds_and_at_the_end(ckpt, monkeypatch
     assert capsys.readouterr().out.splitlines() == [
         "features: 40/100 images 3.6 images/s eta 0.3 min",
         "features: 100/100 images 3.3 images/s eta 0.0 min"]
-    monkeypatch.undo()                    # a real probe: each extraction and classifier reports
-    probe.main([ckpt, "--rows", "checkpoint", "pixels", "--epochs", "3",
-                "--out", os.path.join(os.path.dirname(ckpt), "progress.json")])
-    out = capsys.readouterr().out
-    for line in ("checkpoint features, train: 128/128 images", "raw pixels features, train: 128/"
-                 "128 images", "checkpoint features, test: 32/32 images", "linear probe, "
-                 "checkpoint patch L2: 3/3 epochs", "linear probe, raw pixels: 3/3 epochs"):
-        assert line in out
 
-
-def test_probe_py_in_a_subprocess_writes_json_next_to_the_checkpoint(ckpt):
+def test_probe_py_in_a_subprocess_reports_each_step_and_writes_json_beside_the_checkpoint(ckpt):
     r = run("probe.py", ckpt, "--epochs", "10")
     assert r.returncode == 0, r.stderr
-    assert "linear top-1" in r.stdout and "kNN top-1" in r.stdout and "raw pixels" in r.stdout
+    for line in ("linear top-1", "kNN top-1", "checkpoint features, train: 128/128 images",
+                 "raw pixels features, train: 128/128 images", "checkpoint features, test: 32/32 "
+                 "images", "linear probe, checkpoint patch L2: 10/10 epochs", "linear probe, raw "
+                 "pixels: 10/10 epochs"):        # each extraction and classifier reports its end
+        assert line in r.stdout
     report = json.load(open(os.path.join(os.path.dirname(ckpt), "probe_patch_L2.json")))
     assert [row["dims"] for row in report["rows"]] == [32, 32, 3072]
     assert all(0 <= r["linear_top1"] <= 1 and 0 <= r["knn_top1"] <= 1 for r in report["rows"])
 
-
 def test_two_gloo_processes_give_the_features_and_accuracies_of_one(ckpt, tmp_path):
-    """Sharded extraction gathered in data-set order, and augmentation drawn per image, not per
-    process: a 2-process torchrun equals one process, --augmented included."""
+    """Shards gathered in order, augmentation per image: 2 processes equal 1, --augmented too."""
     args = [ckpt, "--augmented", "--epochs", "3", "--batch-size", "24", "--pool", "proxy"]
     one, feats_one = probe.main(args + ["--out", str(tmp_path / "one.json")])
     script = tmp_path / "run_probe.py"                      # rank 0 saves its features
@@ -1014,7 +834,6 @@ def test_two_gloo_processes_give_the_features_and_accuracies_of_one(ckpt, tmp_pa
         assert torch.allclose(tr, feats_two[name][0], atol=1e-5)
         assert torch.allclose(te, feats_two[name][1], atol=1e-5)
 
-
 def test_image_folder_probe_reads_train_and_val(ckpt, tmp_path):
     for split, n in (("train", 6), ("val", 3)):
         write_image_folder(tmp_path, split, n, lambda c, i: (200 * c + i, 90, 40))
@@ -1026,18 +845,6 @@ def test_image_folder_probe_reads_train_and_val(ckpt, tmp_path):
     name = "probe_patch_L2_imagefolder_aug.json"              # default name: data set differs
     assert os.path.isfile(os.path.join(os.path.dirname(ckpt), name))
 
-
-def test_image_folder_with_other_classes_in_val_stops_naming_them(ckpt, tmp_path, capsys):
-    """A label is the rank of its class folder in its split: other folders in val/ mislabel."""
-    for split in ("train", "val"):
-        write_image_folder(tmp_path, split, 2, lambda c, i: (200 * c, 90, 40))
-    os.rename(tmp_path / "val" / "class1", tmp_path / "val" / "class2")
-    argv = [ckpt, "--dataset", "imagefolder", "--data", str(tmp_path)]
-    assert one_line(probe.main, argv, capsys) == (1, (
-        f"error: {tmp_path}/val has other classes than {tmp_path}/train (only in train: class1; "
-        f"only in val: class2): give both the same class folders"))
-
-
 def test_more_workers_than_cpus_are_cut_with_a_note_and_no_pytorch_warning(
         ckpt, tmp_path, monkeypatch, capsys):
     for split in ("train", "val"):
@@ -1048,7 +855,6 @@ def test_more_workers_than_cpus_are_cut_with_a_note_and_no_pytorch_warning(
         probe.main([ckpt, "--dataset", "imagefolder", "--data", str(tmp_path), "--workers", "3",
                     "--rows", "pixels", "--epochs", "1", "--out", str(tmp_path / "p.json")])
     assert "note: --workers 3 is more than the 1 CPUs here: using 1" in capsys.readouterr().out
-
 
 ARG = "error: argument {}: {} (see probe.py --help)"
 PROBE_ERRORS = [  # argv with {ckpt}, {tmp}, {noproxy} filled in; the one line or its start
@@ -1069,12 +875,17 @@ PROBE_ERRORS = [  # argv with {ckpt}, {tmp}, {noproxy} filled in; the one line o
                                                                     "{tmp}/no"),
     (["{ckpt}", "--dataset", "imagefolder", "--data", "{tmp}"], "error: the probe needs a "
      "held-out split: {tmp}/train and {tmp}/val"),
+    (["{ckpt}", "--dataset", "imagefolder", "--data", "{tmp}/mixed"], "error: {tmp}/mixed/val "
+     "has other classes than {tmp}/mixed/train (only in train: class1; only in val: class2): "
+     "give both the same class folders"),  # labels are folder ranks: other folders mislabel
 ]
-
 
 @pytest.mark.parametrize("argv,message", PROBE_ERRORS)
 def test_every_bad_probe_input_is_one_line(argv, message, ckpt, tmp_path, capsys):
     (tmp_path / "train" / "a").mkdir(parents=True)         # an image folder without val/
+    for split in ("train", "val"):
+        write_image_folder(tmp_path / "mixed", split, 2, lambda c, i: (200 * c, 90, 40))
+    os.rename(tmp_path / "mixed" / "val" / "class1", tmp_path / "mixed" / "val" / "class2")
     cfg = tiny(depth=1, num_proxies=0, baseline=True)
     torch.save({"config": asdict(cfg), "model": sm.SemanticMIM(cfg).state_dict(),
                 "args": {"dataset": "synthetic"}}, tmp_path / "noproxy.pt")
@@ -1084,22 +895,15 @@ def test_every_bad_probe_input_is_one_line(argv, message, ckpt, tmp_path, capsys
     assert status == (2 if "argument" in message else 1) and "\n" not in line
     assert line.startswith(fill(message)), line
 
-
-# ---- 5. visualize.py ----------------------------------------------------------------------------
-# Assumes from the top of the file: os, json, math, pytest, torch, asdict, sm, train, visualize;
-# tiny, run, write_image_folder, the one-thread fixture and runs (runs/sm: HOG, runs/base:
-# --baseline --target pixel, of TINY_RUN). Section 1 proves the drawn attention is the softmax.
+# ---- 5. visualize.py: figures, images, bad input, maps and statistics on hand-made attention -----
 def assert_pngs(folder, names):
-    """Each file is a PNG that PIL decodes, with more colours than blank panels and text have
-    (an empty 2x3 grid of titled axes has 256; our figures have 700 to 15000)."""
-    from PIL import Image
+    """Each a PNG that PIL decodes, > 400 colours (empty titled axes: 256; our figures: 700+)."""
     for name in names:
         with open(os.path.join(folder, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
         with Image.open(os.path.join(folder, name)) as im:
             colours = im.convert("RGB").getcolors(maxcolors=1 << 24)
             assert min(im.size) >= 150 and len(colours) > 400, (name, im.size, len(colours))
-
 
 def test_every_figure_and_the_compare_figure_are_drawn_in_process(runs, tmp_path):
     written = visualize.main([str(runs / "sm" / "checkpoint.pt"), "--compare",
@@ -1112,10 +916,8 @@ def test_every_figure_and_the_compare_figure_are_drawn_in_process(runs, tmp_path
     assert sorted(os.listdir(tmp_path)) == sorted(names)
     assert_pngs(tmp_path, names)
 
-
 def test_a_subprocess_with_the_defaults_draws_the_baseline_into_its_checkpoint_folder(runs):
-    """Defaults: out = <checkpoint folder>/figures, centre and corner queries; the baseline has
-    no mask stream, which is said, not failed on."""
+    """Defaults: <checkpoint folder>/figures, centre and corner queries; no mask stream: a note."""
     r = run("visualize.py", runs / "base" / "checkpoint.pt", "--layers", "1", "-1", "--what",
             "query", "recon", "mask_proxy")
     assert r.returncode == 0 and "note: the baseline has no mask stream" in r.stdout, r.stderr
@@ -1124,9 +926,8 @@ def test_a_subprocess_with_the_defaults_draws_the_baseline_into_its_checkpoint_f
     assert all(n in r.stdout for n in names)
     assert_pngs(runs / "base" / "figures", names + ["recon.png"])
 
-
-def test_image_files_are_resized_and_centre_cropped_as_the_input(runs, tmp_path):
-    from PIL import Image
+def test_image_files_and_an_image_folders_val_split_are_resized_and_centre_cropped(ckpt, tmp_path):
+    """--images FILES, or the DIR/val images of a checkpoint trained on --data DIR, as input."""
     files = [str(tmp_path / f"img{i}.png") for i in range(2)]
     for i, size in enumerate([(50, 40), (20, 20)]):
         Image.new("RGB", size, (30 + 100 * i, 120, 200)).save(files[i])
@@ -1134,26 +935,21 @@ def test_image_files_are_resized_and_centre_cropped_as_the_input(runs, tmp_path)
     raw = next(batches)
     assert n == 2 and raw.shape == (2, 3, 32, 32) and raw.min() >= 0 and raw.max() <= 1
     assert torch.allclose(raw[1, :, 5, 5], torch.tensor([130, 120, 200]) / 255, atol=1e-2)
-    written = visualize.main([str(runs / "sm" / "checkpoint.pt"), "--images", *files, "--what",
-                              "proxy", "--out", str(tmp_path)])
+    written = visualize.main([ckpt, "--images", *files, "--what", "proxy", "--out", str(tmp_path)])
     assert written == [str(tmp_path / "proxy_maps_layer2.png")]
     assert_pngs(tmp_path, ["proxy_maps_layer2.png"])
-
-
-def test_an_image_folder_checkpoint_shows_its_val_split(tmp_path):
-    """A checkpoint trained on --data DIR shows DIR/val images (resized, centre-cropped)."""
     for split, blue in (("train", 200), ("val", 100)):
         write_image_folder(tmp_path / "data", split, 4, lambda c, i: (40 * c + i, 90, blue))
+    out = tmp_path / "run"
     train.main(["--data", str(tmp_path / "data"), "--preset", "cifar", "--dim", "32", "--depth",
                 "1", "--heads", "2", "--batch-size", "8", "--workers", "0", "--amp", "none",
-                "--out", str(tmp_path / "run")])
-    args = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["args"]
+                "--out", str(out)])
+    args = torch.load(out / "checkpoint.pt", weights_only=True)["args"]
     raw = next(visualize.load_images(args, 32, indices=[0, 7])[1])     # 7: image 3 of class 1
     assert raw.shape == (2, 3, 32, 32)
     assert torch.allclose(raw[1, :, 16, 16], torch.tensor([43, 90, 100]) / 255, atol=1e-2)
-    visualize.main([str(tmp_path / "run" / "checkpoint.pt"), "--indices", "7", "--what", "recon"])
-    assert_pngs(tmp_path / "run" / "figures", ["recon.png"])
-
+    visualize.main([str(out / "checkpoint.pt"), "--indices", "7", "--what", "recon"])
+    assert_pngs(out / "figures", ["recon.png"])
 
 VIS_ERRORS = [  # argv ({sm}, {tmp} filled in; --out TMP/fig added), a regex of the one line
     (["{tmp}/none.pt"], "no checkpoint at .*none.pt: pass the checkpoint.pt"),
@@ -1173,7 +969,6 @@ VIS_ERRORS = [  # argv ({sm}, {tmp} filled in; --out TMP/fig added), a regex of 
     (["{sm}", "--stats-images", "5"], "--stats-images needs --stats$"),
     (["{sm}", "--stats", "--compare", *["{sm}"] * 3], "--compare takes one or two .*, got 3$")]
 
-
 @pytest.mark.parametrize("argv,message", VIS_ERRORS)
 def test_every_bad_visualize_input_is_one_line_naming_the_fix_and_writes_nothing(
         argv, message, runs, tmp_path, capsys):
@@ -1184,13 +979,11 @@ def test_every_bad_visualize_input_is_one_line_naming_the_fix_and_writes_nothing
         visualize.main([a.format(sm=runs / "sm" / "checkpoint.pt", tmp=tmp_path) for a in argv]
                        + ["--out", str(tmp_path / "fig")])
     line = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
-    assert line.startswith("error: ") and "\n" not in line and __import__("re").search(
-        message, line), line
+    assert line.startswith("error: ") and "\n" not in line and re.search(message, line), line
     assert not (tmp_path / "fig").exists() and not (runs / "sm" / "figures").exists()
 
-
 # ---- attention maps, on hand-made attention (B, H, P+N, P+N): rows queries, proxies first
-def test_query_proxy_reduce_mean_and_mask_to_proxy_maps_index_the_right_rows():
+def test_attention_maps_index_the_right_rows_and_upsample_puts_each_value_on_its_pixels():
     P, H, N, queries = 3, 2, 16, [5, 0, 15]
     attn = torch.rand(2, H, P + N, P + N).softmax(-1)
     maps = visualize.patch_query_maps(attn, queries, P)
@@ -1203,22 +996,16 @@ def test_query_proxy_reduce_mean_and_mask_to_proxy_maps_index_the_right_rows():
     mask_attn = torch.rand(2, H, 7, P + 7).softmax(-1)                 # [MASK]: proxies first
     w = visualize.mask_to_proxy_weights(mask_attn, P)
     assert w.shape == (2, 7, P) and torch.allclose(w[1, 4, 2], mask_attn[1, :, 4, 2].mean())
-
-
-def test_upsample_puts_each_patch_value_on_its_pixels():
-    maps = torch.arange(2 * 16, dtype=torch.float).reshape(2, 16)      # a 4x4 grid
+    maps = torch.arange(2 * 16, dtype=torch.float).reshape(2, 16)      # a 4x4 grid, upsampled
     img = visualize.upsample(maps, 4, 3)
     assert img.shape == (2, 12, 12) and img[1, 3:6, 6:9].eq(maps[1, 1 * 4 + 2]).all()
 
-
 def test_mask_to_proxy_comes_from_the_seeded_mask_stream_of_the_model():
-    torch.manual_seed(0)
-    model, imgs = sm.SemanticMIM(tiny()).eval(), torch.randn(2, 3, 32, 32)
+    model, _, imgs, _, _ = seeded()
     ids_keep, ids_mask, pred, attn = visualize.masked_prediction(model, imgs, seed=3)
     assert torch.equal(visualize.masked_prediction(model, imgs, seed=3)[1], ids_mask)
     assert pred.shape == (2, model.cfg.num_masked, 108)
     assert attn["mask"][0].shape == (2, 2, model.cfg.num_masked, 4 + model.cfg.num_masked)
-
 
 def test_pixel_unnormalisation_with_the_targets_statistics_recovers_the_image():
     model, imgs = sm.SemanticMIM(tiny(target="pixel")), torch.randn(2, 3, 32, 32) * 2 + 1
@@ -1228,7 +1015,6 @@ def test_pixel_unnormalisation_with_the_targets_statistics_recovers_the_image():
     masked = visualize.masked_input(imgs, ids_keep, 4, fill=0.0)
     assert masked.eq(0).sum() == 2 * 52 * 48                           # the masked patches blank
     assert torch.allclose(visualize.paste_patches(masked, patches, ids_mask, 4), imgs, atol=1e-5)
-
 
 def test_hog_glyphs_point_along_the_edges():
     """A vertical edge gives vertical glyphs and a horizontal edge horizontal ones."""
@@ -1241,13 +1027,11 @@ def test_hog_glyphs_point_along_the_edges():
     t[0, 9, 1 * 36 + 4 * 4 + 1 * 2 + 0] = 3.0  # patch (1, 1): channel 1, bin 4, cell (1, 0)
     assert visualize.hog_cells(t, 8)[0, 3, 2, 4] == 1.0                # the channel mean
 
-
 # ---- --stats: Figure 1 of the paper as numbers, on hand-made attention with known answers
 def stats_of(attn, P, grid, fg=None):
     """The statistics of one attention tensor (B, H, P+N, P+N), as --stats reports them."""
     dist = visualize.grid_distances(grid)
     return visualize.pooled_means([visualize.layer_stats(attn, P, dist, fg)])
-
 
 def test_stats_of_uniform_attention_are_the_uniform_reference():
     P, grid, N = 3, 4, 16
@@ -1260,7 +1044,6 @@ def test_stats_of_uniform_attention_are_the_uniform_reference():
                                  "proxy_js": 0, "fg_consistency": 1, "bg_consistency": 1},
                                 abs=1e-6)
     assert visualize.uniform_reference(P, grid) == pytest.approx(got, abs=1e-6)
-
 
 def test_stats_attention_on_the_query_itself_has_distance_zero_and_disjoint_maps_js_one():
     P, grid, N = 2, 4, 16
@@ -1280,7 +1063,6 @@ def test_stats_attention_on_the_query_itself_has_distance_zero_and_disjoint_maps
     assert visualize.js_divergence(p, r) == pytest.approx(h - 0.5)
     assert visualize.mean_pairwise_js(torch.stack([p, p, q])[None]) == pytest.approx(2 / 3)
 
-
 def test_stats_pairwise_js_in_blocks_equals_the_double_loop():
     torch.manual_seed(0)
     maps = torch.randn(3, 6, 10).softmax(-1)
@@ -1290,7 +1072,6 @@ def test_stats_pairwise_js_in_blocks_equals_the_double_loop():
     for budget in (1, 1 << 22):                                    # one row per block, all rows
         assert torch.allclose(visualize.mean_pairwise_js(maps, budget), loop, atol=1e-6)
     assert visualize.mean_pairwise_js(maps[:, :1]).isnan().all()  # one row: no pair
-
 
 def test_stats_proxy_share_is_the_weight_on_the_proxies_before_renormalising():
     P, grid, N = 2, 2, 4
@@ -1305,7 +1086,6 @@ def test_stats_proxy_share_is_the_weight_on_the_proxies_before_renormalising():
     assert got["distance"] == pytest.approx(sum(math.dist(divmod(q, 2), (1, 1))
                                                 for q in range(N)) / N)
     assert got["query_js"] == 0                                    # every query on patch 3
-
 
 def test_stats_region_consistency_is_mass_on_own_region_over_its_share():
     grid, N = 4, 16
@@ -1325,14 +1105,12 @@ def test_stats_region_consistency_is_mass_on_own_region_over_its_share():
     # a region that covers the image scores 1 by construction and is left out
     assert visualize.region_consistency(maps, torch.ones(1, 4, dtype=torch.bool)).isnan().all()
 
-
 def test_stats_identical_proxies_have_diversity_zero_and_one_proxy_none():
     torch.manual_seed(0)
     attn = torch.randn(2, 2, 3 + 16, 3 + 16).softmax(-1)
     attn[:, :, 1:3] = attn[:, :, :1]                               # every proxy as proxy 0
     assert stats_of(attn, 3, 4)["proxy_js"] == pytest.approx(0, abs=1e-6)
     assert stats_of(torch.randn(2, 2, 1 + 16, 1 + 16).softmax(-1), 1, 4)["proxy_js"] is None
-
 
 def test_stats_foreground_is_the_raw_mean_intensity_of_a_patch():
     raw = torch.zeros(2, 3, 8, 8)                                  # 2x2 patches of 4 px
@@ -1341,7 +1119,6 @@ def test_stats_foreground_is_the_raw_mean_intensity_of_a_patch():
     fg = visualize.foreground_patches(raw, 4, 0.1)
     assert fg.tolist() == [[False, True, False, False], [False] * 4]
 
-
 def stats_tables(text):
     """--stats output -> [(the line naming a model, {row title: cells})], a table per model."""
     lines, out = text.splitlines(), []
@@ -1349,7 +1126,6 @@ def stats_tables(text):
         end = next(j for j in range(i, len(lines)) if lines[j].startswith("uniform"))
         out.append((lines[i - 1], {s.split()[0]: s.split()[1:] for s in lines[i + 1:end + 1]}))
     return out
-
 
 def test_stats_cli_prints_a_table_and_writes_the_json_beside_the_checkpoint(runs, tmp_path, capsys):
     ckpt, out = runs / "sm" / "checkpoint.pt", tmp_path / "fig"
@@ -1379,7 +1155,6 @@ def test_stats_cli_prints_a_table_and_writes_the_json_beside_the_checkpoint(runs
         assert [float(v) for v in row] == pytest.approx(
             [layer[k] for k in visualize.STATS], abs=0.006)         # the table prints the JSON
 
-
 def test_stats_are_the_definitions_written_plainly_and_batches_pool_to_one(runs):
     model, c = train.load_model(str(runs / "sm" / "checkpoint.pt"))
     raw = next(visualize.load_images(c["args"], 32, first=1000)[1])    # the 32 test images
@@ -1394,10 +1169,8 @@ def test_stats_are_the_definitions_written_plainly_and_batches_pool_to_one(runs)
     assert visualize.attention_stats([(model, c, "x")], batches, 0.5)[0] == [
         pytest.approx(layer, rel=1e-5) for layer in one]
 
-
 def test_stats_compare_prints_a_table_per_model_and_draws_attn_stats_png(runs, tmp_path, capsys):
-    """Three models: SemanticMIM, the one-switch baseline and a 3-block baseline with the
-    authors' MaskFeat settings (one proxy, mask ratio 0.4), named apart by P and ratio."""
+    """SemanticMIM, the baseline and a 3-block MaskFeat baseline (P 1, ratio 0.4) named apart."""
     torch.manual_seed(0)
     cfg = tiny(num_proxies=1, mask_ratio=0.4, baseline=True)         # 3 blocks
     torch.save({"config": asdict(cfg), "model": sm.SemanticMIM(cfg).state_dict(),
@@ -1422,11 +1195,9 @@ def test_stats_compare_prints_a_table_per_model_and_draws_attn_stats_png(runs, t
     assert [m["uniform"]["proxy_share"] for m in report["models"]] == pytest.approx(
         [4 / 68, 4 / 68, 1 / 65])
 
-
 def test_stats_skip_region_consistency_without_a_black_background(runs, tmp_path, capsys,
                                                                   monkeypatch):
-    """A data set of natural images (CIFAR-10, its images stood in by synthetic ones): no region
-    columns, a note, and a null threshold."""
+    """Natural images (CIFAR-10, stood in by synthetic): no region columns, a note, no threshold."""
     c = torch.load(runs / "sm" / "checkpoint.pt", weights_only=True)
     torch.save({**c, "args": {**c["args"], "dataset": "cifar10"}}, tmp_path / "cifar.pt")
     real = train.load_split
@@ -1442,24 +1213,18 @@ def test_stats_skip_region_consistency_without_a_black_background(runs, tmp_path
     assert set(report["models"][0]["layers"][0]) == set(visualize.STATS) - {
         "fg_consistency", "bg_consistency"} | {"layer"}
 
-
 # ---- 6. the repository ---------------------------------------------------------------------------
 # Files of the authors' repository (github.com/yyk-wew/SemanticMIM) and of MMPreTrain that the
-# code cites by name; every other file name must be a file of this repository.
-AUTHORS_FILES = {"maskfeat/maskfeat.py", "maskfeat/maskfeat_backbone.py", "attn_vis.py",
-                 "configs/maskfeat/maskfeat_bottleneck_pretrain.py", "maskfeat_cls_ft.py",
-                 "configs/maskfeat/maskfeat_baseline_pretrain.py", "maskfeat_bottleneck_pretrain.py",
-                 "maskfeat_baseline_pretrain.py", "_linear_probing.py",
-                 "configs/maskfeat/maskfeat_cls_linear_probing.py", "maskfeat_cls_linear_probing.py",
-                 "configs/maskfeat/maskfeat_cls_ft.py", "mmpretrain/models/selfsup/maskfeat.py",
-                 "beit/beit_model.py", "beit/beit_backbone.py", "seg_linear_probing.py",
-                 "run_probe.py"}  # the last: a script a probe test writes into its tmp_path
-
+# code cites by name (and run_probe.py, which a probe test writes); all else is a file here.
+AUTHORS = set("""maskfeat/maskfeat.py maskfeat/maskfeat_backbone.py attn_vis.py
+    configs/maskfeat/maskfeat_bottleneck_pretrain.py configs/maskfeat/maskfeat_baseline_pretrain.py
+    configs/maskfeat/maskfeat_cls_linear_probing.py configs/maskfeat/maskfeat_cls_ft.py
+    maskfeat_cls_ft.py maskfeat_bottleneck_pretrain.py maskfeat_baseline_pretrain.py
+    maskfeat_cls_linear_probing.py _linear_probing.py mmpretrain/models/selfsup/maskfeat.py
+    beit/beit_model.py beit/beit_backbone.py seg_linear_probing.py run_probe.py""".split())
 
 def test_no_tracked_file_refers_to_a_file_outside_the_repository():
-    """The repository reads alone: no relative path that climbs out of it, and every .py/.md/.sh
-    file named in a tracked file is tracked here, or is one of the authors' files it cites."""
-    import re
+    """No path climbs out of the repository; each .py/.md/.sh named is tracked or in AUTHORS."""
     try:
         tracked = subprocess.run(["git", "ls-files", "--cached", "--others",
                                   "--exclude-standard"], cwd=HERE, capture_output=True, text=True,
@@ -1476,7 +1241,6 @@ def test_no_tracked_file_refers_to_a_file_outside_the_repository():
         text = re.sub(r"https?://\S+", "", text)            # links are not files
         for m in re.finditer(r"\.\./|[\w./-]*\w\.(?:py|md|sh)\b", text):
             ref = m.group(0)
-            if ref == ".." + "/" or (ref not in names and ref not in AUTHORS_FILES
-                                and ref.lstrip("./") not in names):
+            if ref == ".." + "/" or not {ref, ref.lstrip("./")} & names and ref not in AUTHORS:
                 outside.append(f"{f}: {ref}")
     assert outside == []

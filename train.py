@@ -155,10 +155,10 @@ def merge_resumed_args(args, saved):
     clash = [k for k in args.given if k not in RUNTIME_FLAGS and k in saved
              and getattr(args, k) != saved[k]]
     if clash:
-        raise SystemExit("error: --resume continues the saved run, but these flags differ from "
-                         "it: " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)!r} "
-                                             f"(saved {saved[k]!r})" for k in clash)
-                         + "; drop them or start a new --out")
+        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)!r} (saved {saved[k]!r})"
+                          for k in clash)
+        raise SystemExit(f"error: --resume continues the saved run, but these flags differ from "
+                         f"it: {flags}; drop them or start a new --out")
     for k, v in saved.items():  # everything not given now comes from the saved run
         if k not in args.given and k not in ("given", "resume", "stop_at"):
             setattr(args, k, v)
@@ -191,8 +191,8 @@ MEAN_STD = {  # per-channel mean and std of each set's training images (ImageNet
     "synthetic": ((0.5,) * 3, (0.25,) * 3)}
 DATASETS = tuple(MEAN_STD)
 OFFLINE_HINT = ("offline choices: --dataset fashion_mnist --data DIR with the Debian copy "
-                "unpacked into DIR/FashionMNIST/raw (see README), --dataset imagefolder --data DIR, "
-                "or --dataset synthetic")
+                "unpacked into DIR/FashionMNIST/raw (see README), --dataset imagefolder --data "
+                "DIR, or --dataset synthetic")
 
 
 def synthetic_images(n, size, seed, num_classes=10):
@@ -272,10 +272,10 @@ def load_split(dataset, root, split, size, synthetic_size=1024, augment=False, m
         if split != "train" and os.path.isdir(os.path.join(root, "train")):  # labels are indices
             trained = torchvision.datasets.folder.find_classes(os.path.join(root, "train"))[0]
             if trained != classes:
-                only = lambda a, b: ", ".join(sorted(set(a) - set(b))) or "none"
+                a, b = (", ".join(sorted(set(x) - set(y))) or "none"
+                        for x, y in ((trained, classes), (classes, trained)))
                 raise SystemExit(f"error: {sub} has other classes than {root}/train (only in "
-                                 f"train: {only(trained, classes)}; only in val: "
-                                 f"{only(classes, trained)}): give both the same class folders")
+                                 f"train: {a}; only in val: {b}): give both the same class folders")
         return images, torch.tensor(images.folder.targets), classes
     if dataset == "synthetic":
         n = synthetic_size if split == "train" else max(synthetic_size // 4, 1)
@@ -358,7 +358,7 @@ def batches(images, keys, batch, device, size, mean, std, workers=0, draw=None, 
         yield to_model_input(x, size, mean, std)           # (B, 3, S, S)
 
 
-# ---- 4. Model and optimizer: the authors' AdamW groups, linear warm-up then cosine, per step ------
+# ---- 4. Model and optimizer: the authors' AdamW groups, linear warm-up then cosine, per step ----
 # (configs/maskfeat/maskfeat_bottleneck_pretrain.py: lr 1.6e-3 at batch 2048, betas (0.9, 0.999),
 # weight decay 0.05, gradient-norm clip 0.02, 30 warm-up epochs of 300, cosine to 1e-6)
 def make_optimizer(model, lr, weight_decay):
@@ -366,7 +366,8 @@ def make_optimizer(model, lr, weight_decay):
     weight decay on biases, norms and the learned tokens (the authors' paramwise settings)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or name in ("pos_embed", "proxy", "mask_token") else decay).append(p)
+        token = name in ("pos_embed", "proxy", "mask_token")
+        (no_decay if p.ndim < 2 or token else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.999), fused=True)
@@ -530,10 +531,9 @@ def lock_folder(folder, rank, world, device):
     ok = torch.tensor([float(taken is None)], device=device)
     if world > 1:
         dist.all_reduce(ok, dist.ReduceOp.MIN)              # rank 0 decides for everyone
-    if not ok.item():
-        who = f"PID {taken}" if rank == 0 else "see rank 0"
-        raise SystemExit(f"error: {folder} is in use by another run ({who}): wait for it to end "
-                         f"or choose another --out")
+    if not ok.item():                                       # rank 0 says why; all exit
+        raise SystemExit(1 if rank else f"error: {folder} is in use by another run (PID "
+                         f"{taken}): wait for it to end or choose another --out")
     return held
 
 
@@ -555,7 +555,8 @@ def next_steps(ckpt_path, world=1):
     """The last lines of a finished run: its checkpoint and the commands to run on it next."""
     path = shlex.quote(ckpt_path)
     launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
-    return f"checkpoint: {ckpt_path}\nnext:\n  {launcher} probe.py {path}\n  python visualize.py {path}"
+    return (f"checkpoint: {ckpt_path}\nnext:\n  {launcher} probe.py {path}\n"
+            f"  python visualize.py {path}")
 
 
 # ---- 6. Training ---------------------------------------------------------------------------------
@@ -632,13 +633,14 @@ def main(argv=None):
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     net = torch.compile(net) if args.compile else net
-    lock = lock_folder(args.out, rank, world, device)  # noqa: F841 (held until the process ends)
+    lock = lock_folder(args.out, rank, world, device)  # held until the process ends
     if rank == 0:
         start_log(log_path, step if ckpt else None)
-        print(f"{'resuming' if ckpt else 'training'} {'baseline' if cfg.baseline else 'SemanticMIM'}"
-              f" {asdict(cfg)} on {args.dataset}: {world} process(es) on {device}, "
-              f"{steps_per_epoch} steps/epoch, {total} steps, lr {peak_lr:.3g}, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
+        name = "baseline" if cfg.baseline else "SemanticMIM"
+        print(f"{'resuming' if ckpt else 'training'} {name} {asdict(cfg)} on {args.dataset}: "
+              f"{world} process(es) on {device}, {steps_per_epoch} steps/epoch, {total} steps, "
+              f"lr {peak_lr:.3g}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"parameters", flush=True)
         if step >= total:
             print(f"nothing to do: the run in {args.out} is complete ({step}/{total} steps)")
     signals = []  # SIGTERM (a scheduler's pre-emption) or SIGINT (Ctrl-C): save, then exit
@@ -706,6 +708,8 @@ def main(argv=None):
     if rank == 0:
         print(f"stopped at step {step}; continue with --resume --out {args.out}" if step < total
               else next_steps(ckpt_path, world), flush=True)
+    if lock:
+        lock.close()                                        # the folder is free again
     if world > 1:
         del net                                             # DDP holds the process group
         dist.destroy_process_group()

@@ -190,7 +190,6 @@ def bench_loader(args, cfg, device, batches=20):
     return n * args.batch_size / seconds
 
 
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = train.parse_args(argv, prog="experiments/bench.py")

@@ -44,7 +44,7 @@ lane semantic:0 maskfeat:0 baseline:1 &
 lane baseline:0 semantic:1 maskfeat:1 &
 wait
 
-# 2. Attention statistics of the three models side by side (visualize.py --stats: 1,000 test
+# 2. Attention statistics of the three models, a table each (visualize.py --stats: 1,000 test
 #    images, every block; attn_stats.json beside the SemanticMIM run, attn_stats.png), and the
 #    patch-query maps of the three on the same test images (seed 0 into docs/figures)
 STATS=(--stats --what compare --indices 0 1 2)
@@ -56,9 +56,11 @@ python visualize.py runs/fmnist_semantic_s1/checkpoint.pt "${STATS[@]}" --out ru
 python visualize.py runs/fmnist_semantic/checkpoint.pt --out docs/figures \
   --what query reduce_mean proxy mask_proxy recon curve > runs/figures.txt
 
-# 3. The default laptop run (`python train.py` on Fashion-MNIST: the cifar preset, 1 epoch) and
-#    its attention statistics: does the default learn structure?
-train runs/default --dataset fashion_mnist --data "$DATA" --log-every 50
-python visualize.py runs/default/checkpoint.pt --stats > runs/stats_default.txt
+# 3. The default laptop run (`python train.py` on Fashion-MNIST: the cifar preset, 1 epoch), four
+#    seeds, each with its attention statistics and probe: what do its figures vary by?
+for s in 0 1 2 3; do train "runs/default_s$s" --dataset fashion_mnist --data "$DATA" --seed "$s"
+  python visualize.py "runs/default_s$s/checkpoint.pt" --stats > "runs/stats_default_s$s.txt"
+  python probe.py "runs/default_s$s/checkpoint.pt" --rows checkpoint random > "runs/probe_default_s$s.txt"
+done
 
 python experiments/summarize.py | tee runs/summary.txt

@@ -1,12 +1,8 @@
-"""The README's Fashion-MNIST tables from what experiments/fmnist.sh wrote into runs/.
-
-    python experiments/summarize.py            # markdown tables on stdout
-
-Reads, for each model and seed, runs/fmnist_<model>[_s1]/log.jsonl (final loss, training time),
-probe_patch-proxy_Lall.json (linear and kNN top-1 of the patch and proxy means at every block)
-and the numbers of that checkpoint in any runs/*/attn_stats.json that visualize.py --stats
-wrote. Prints the mean of the seeds and each seed; a run that is missing is a "-".
-"""
+"""The README's Fashion-MNIST tables (markdown, on stdout) from what experiments/fmnist.sh wrote:
+`python experiments/summarize.py`. Reads, for each model and seed, runs/fmnist_<model>[_s1]/
+log.jsonl (final loss, training time), probe_patch-proxy_Lall.json (linear and kNN top-1 of the
+patch and proxy means at every block) and that checkpoint's numbers in any runs/*/attn_stats.json.
+Prints the mean of the seeds and each seed; a run that is missing is a "-"."""
 import glob
 import json
 import os
@@ -14,7 +10,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import train  # noqa: E402
+import train  # noqa: E402  (its read_log)
 
 MODELS = {"semantic": "SemanticMIM (P 8, mask 0.8)",
           "baseline": "one-switch baseline (`--baseline`, P 8, mask 0.8)",
