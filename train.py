@@ -300,8 +300,7 @@ def to_model_input(x, size, mean, std):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
                           align_corners=False).clamp(0, 1)
     x = x.expand(-1, 3, -1, -1)                            # grayscale -> 3 channels
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    m, s = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
     return (x - m) / s
 
 
@@ -415,7 +414,7 @@ def fail(what, path, e, step):
              f"free there")
     kept = f"the checkpoint of step {step} is intact" if step else "no checkpoint was written"
     return SystemExit(f"error: could not write {what} {path} ({cause}); {kept}: free space or fix "
-                      f"the folder {folder}, then run again with --resume")
+                      f"the folder {folder}, then run again{' with --resume' if step else ''}")
 
 
 def save_checkpoint(path, step_kept=None, **state):
