@@ -258,14 +258,13 @@ class Folder(torch.utils.data.Dataset):
 def load_split(dataset, root, split, size, synthetic_size=1024, augment=False, min_crop=0.5,
                seed=0):
     """One split ("train" or "test") -> (images, labels (n,), class names): a uint8 tensor
-    (n, C, h, w) for the in-memory sets; a Folder of ROOT/train (or ROOT) or ROOT/val, with the
-    train transform if augment, for image folders."""
+    (n, C, h, w) for the in-memory sets; for image folders a Folder of ROOT/train or ROOT/val
+    (ROOT itself where that is missing), with the train transform if augment."""
     if dataset == "imagefolder":
-        sub = os.path.join(root, "train" if split == "train" else "val")
-        if not os.path.isdir(root) or split != "train" and not os.path.isdir(sub):
-            raise SystemExit(f"error: no such folder {root if split == 'train' else sub}: pass "
-                             f"--data DIR holding one sub-folder of images per class (or DIR/train/"
-                             f" and DIR/val/ laid out so)")
+        sub = os.path.join(root, "train" if split == "train" else "val")  # else ROOT itself
+        if not os.path.isdir(root):
+            raise SystemExit(f"error: no such folder {root}: pass --data DIR holding one "
+                             f"sub-folder of images per class (or DIR/train/ laid out so)")
         images = Folder(sub if os.path.isdir(sub) else root,
                         folder_transform(size, augment, min_crop), seed)
         classes = images.folder.classes
