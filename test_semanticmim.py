@@ -926,7 +926,8 @@ def test_a_subprocess_with_the_defaults_draws_the_baseline_into_its_checkpoint_f
     assert all(n in r.stdout for n in names)
     assert_pngs(runs / "base" / "figures", names + ["recon.png"])
 
-def test_image_files_and_an_image_folders_val_split_are_resized_and_centre_cropped(ckpt, tmp_path):
+def test_image_files_and_a_folders_val_split_are_resized_centre_cropped_and_class_checked(
+        ckpt, tmp_path):
     """--images FILES, or the DIR/val images of a checkpoint trained on --data DIR, as input."""
     files = [str(tmp_path / f"img{i}.png") for i in range(2)]
     for i, size in enumerate([(50, 40), (20, 20)]):
@@ -950,6 +951,9 @@ def test_image_files_and_an_image_folders_val_split_are_resized_and_centre_cropp
     assert torch.allclose(raw[1, :, 16, 16], torch.tensor([43, 90, 100]) / 255, atol=1e-2)
     visualize.main([str(out / "checkpoint.pt"), "--indices", "7", "--what", "recon"])
     assert_pngs(out / "figures", ["recon.png"])
+    os.rename(tmp_path / "data" / "val" / "class1", tmp_path / "data" / "val" / "class2")
+    with pytest.raises(SystemExit, match="val has other classes than .*only in val: class2"):
+        visualize.main([str(out / "checkpoint.pt"), "--what", "recon"])   # labels would lie
 
 VIS_ERRORS = [  # argv ({sm}, {tmp} filled in; --out TMP/fig added), a regex of the one line
     (["{tmp}/none.pt"], "no checkpoint at .*none.pt: pass the checkpoint.pt"),
