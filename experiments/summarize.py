@@ -69,6 +69,8 @@ def attention(root):
 def main(root="runs"):
     probes = {(m, s): load(os.path.join(run_dir(root, m, s), "probe_patch-proxy_Lall.json"))
               for m in MODELS for s in SEEDS}
+    if probes[("semantic", 0)] is None:
+        raise SystemExit(f"error: no probe in {run_dir(root, 'semantic', 0)}: run fmnist.sh first")
     depth = probes[("semantic", 0)]["config"]["depth"]
     print("| model | linear, patch mean | kNN, patch mean | linear, proxy mean | kNN, proxy mean "
           "| final loss | training min/run |\n|---|---|---|---|---|---|---|")
