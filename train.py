@@ -536,8 +536,8 @@ def lock_folder(folder, rank, world, device):
 
 
 def start_log(path, step):
-    """A resumed run's log cut back to its checkpoint's step; a new run's log started empty."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """A resumed run's log cut back to its checkpoint's step; a new run's log started empty (in
+    the folder lock_folder made)."""
     kept = [r for r in read_log(path) if r["step"] <= step] if step is not None and \
         os.path.exists(path) else []
     if step is None and os.path.exists(path):
