@@ -628,6 +628,9 @@ def main(argv=None):
     opt = make_optimizer(model, peak_lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step = restore_state(ckpt, ckpt_path, model, opt, scaler, gen) if ckpt else 0
+    if args.stop_at is not None and not step < args.stop_at <= total:
+        raise SystemExit(f"error: --stop-at {args.stop_at} is not between step {step} and the "
+                         f"last step {total}: pass a step in that range, or leave it out")
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     net = torch.compile(net) if args.compile else net

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The README's three Fashion-MNIST models (see fmnist.sh) at a longer schedule, with a per-epoch
+# trend: each run is trained one epoch per train.py call (--stop-at, then --resume) and keeps a
+# copy ep<E>.pt of every epoch's last checkpoint; experiments/trend.py probes the copies (kNN),
+# then probe.py (every block) and visualize.py --stats take the final checkpoints.
+#   EPOCHS=8 bash experiments/long.sh semantic:0 baseline:0 maskfeat:0   # runs/long8_NAME_sSEED
+# Each NAME:SEED runs in its own process with one thread, all at once. Rerun to continue: a
+# finished epoch is skipped, an interrupted one continues exactly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+DATA=${DATA:-data} EPOCHS=${EPOCHS:-8} STEPS=234   # 60,000 // 256 steps an epoch
+COMMON=(--dataset fashion_mnist --data "$DATA" --dim 128 --depth 4 --heads 4 --batch-size 256
+        --blr 1e-3 --amp none --epochs "$EPOCHS" --log-every 50)   # fmnist.sh's, longer
+declare -A MODEL=([semantic]="" [baseline]="--baseline"
+                  [maskfeat]="--baseline --num-proxies 1 --mask-ratio 0.4")
+mkdir -p runs
+
+lane() {  # lane NAME SEED: the epochs, their copies, the trend, the final probe and statistics
+  local out=runs/long${EPOCHS}_$1_s$2 e step
+  mkdir -p "$out"
+  for e in $(seq 1 "$EPOCHS"); do
+    [ -f "$out/ep$e.pt" ] && continue
+    step=$( [ -f "$out/checkpoint.pt" ] && python -c "import torch; print(torch.load(
+      '$out/checkpoint.pt', map_location='cpu', weights_only=True)['step'])" || echo 0)
+    if [ "$step" = 0 ]; then  # shellcheck disable=SC2086
+      python train.py "${COMMON[@]}" --seed "$2" ${MODEL[$1]} --out "$out" --stop-at $STEPS
+    elif [ "$step" != $((e * STEPS)) ]; then
+      python train.py --resume --out "$out" --stop-at $((e * STEPS))
+    fi >> "$out.txt" 2>&1
+    cp "$out/checkpoint.pt" "$out/ep$e.tmp" && mv "$out/ep$e.tmp" "$out/ep$e.pt"
+  done
+  python experiments/trend.py "$out" >> "$out.txt" 2>&1
+  [ -f "$out/probe_patch-proxy_Lall.json" ] || python probe.py "$out/checkpoint.pt" \
+    --pool patch proxy --layer all --rows checkpoint > "$out.probe.txt" 2>&1
+  python visualize.py "$out/checkpoint.pt" --stats --out "$out" > "$out.stats.txt" 2>&1
+}
+
+for job in "$@"; do lane "${job%:*}" "${job#*:}" & done
+wait
