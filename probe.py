@@ -56,14 +56,6 @@ def load_split(args, split, size, rank, world, device):
     return labels, batches
 
 
-def check_image_folder(args):
-    """DIR/train and DIR/val (train.load_split compares their classes); --workers <= the CPUs."""
-    if not all(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val")):
-        raise SystemExit(f"error: the probe needs a held-out split: {args.data}/train and "
-                         f"{args.data}/val, each with one sub-folder of images per class")
-    args.workers = train.usable_workers(args.workers, say=os.environ.get("RANK", "0") == "0")
-
-
 # ---- Features: pooled and LayerNorm'd, extracted per shard and gathered in data-set order -------
 def layer_norm(x):
     """Parameter-free LayerNorm over the last dimension (the authors' probe feature)."""
@@ -203,6 +195,8 @@ def build_parser():
     add("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add("--seed", type=train.NATURAL, default=0, help="classifier order and augmentation")
     add("--out", help="JSON file (None: probe_<pool>_L<layer>[_<dataset>][_aug].json beside it)")
+    add("--timm", metavar="FILE", help="instead of probing: write the encoder as a timm "
+        "VisionTransformer file (e.g. RUN/timm.pth) and print how to load and fine-tune it")
     return train.one_line_errors(p)
 
 
@@ -230,7 +224,10 @@ def load(args):
         raise SystemExit("error: --augmented recomputes the features every epoch: give one "
                          "--pool and one --layer")
     if args.dataset == "imagefolder" and os.path.isdir(args.data):  # else load_split says so
-        check_image_folder(args)
+        if not all(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val")):
+            raise SystemExit(f"error: the probe needs a held-out split: {args.data}/train and "
+                             f"{args.data}/val, each with one sub-folder of images per class")
+        args.workers = train.usable_workers(args.workers, say=os.environ.get("RANK", "0") == "0")
     all_ = len(args.layer) == cfg.depth > 1
     name = (f"probe_{'-'.join(args.pool)}_L{'all' if all_ else '-'.join(map(str, args.layer))}"
             f"{'_' + args.dataset if args.dataset != saved.get('dataset') else ''}"
@@ -254,14 +251,10 @@ def write_report(args, argv, ckpt, world, device, sizes, num_classes, results, t
               "wall_time_s": round(time.time() - t0, 2)}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\nprobe of {args.checkpoint} (step {report['step']}) on {args.dataset}: {sizes[0]} "
-          f"train / {sizes[1]} test images, {args.epochs} epochs"
-          f"{' augmented' if args.augmented else ''}, kNN k={args.k}\n{'row':16s} {'pool':>6s} "
-          f"{'layer':>5s} {'dims':>6s} {'linear top-1':>13s} {'kNN top-1':>10s}")
-    for r in results:
-        print(f"{r['row']:16s} {r['pool']:>6s} {str(r['layer'] or '-'):>5s} {r['dims']:6d} "
-              f"{100 * r['linear_top1']:12.2f}% {100 * r['knn_top1']:9.2f}%")
-    print(f"wrote {args.out} ({report['wall_time_s']:.1f} s)\ncommand: {report['command']}")
+    print(f"probe of {args.checkpoint} (step {report['step']}) on {args.dataset}: {sizes[0]} "
+          f"train / {sizes[1]} test images, {args.epochs} epochs{' augmented' * args.augmented}"
+          f", kNN k={args.k}: wrote {args.out} ({report['wall_time_s']:.1f} s)\ncommand: "
+          f"{report['command']}")
     return report
 
 
@@ -270,6 +263,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args, t0 = build_parser().parse_args(argv), time.time()
     model, ckpt = load(args)
+    if args.timm:
+        return train.export_timm(model, ckpt, args.timm), {}
     rank, world, device = train.setup_distributed(args.device)
     amp, S = torch.bfloat16 if args.amp == "bf16" else None, model.cfg.img_size
     train_y, train_batches = load_split(args, "train", S, rank, world, device)

@@ -431,9 +431,11 @@ def test_a_new_run_replaces_a_log_without_checkpoint_and_ends_naming_the_next_co
         path = str(out / "checkpoint.pt")
         quoted = "'" + path + "'"                           # shell-quoted: the folder has a space
         lines = capsys.readouterr().out.splitlines()
-        assert lines[-4:] == [f"checkpoint: {path}", "next:", f"  python probe.py {quoted}",
-                              f"  python visualize.py {quoted}"]
-        assert ("nothing to do" in lines[-5]) == again
+        timm_file = "'" + str(out / "timm.pth") + "'"
+        assert lines[-5:] == [f"checkpoint: {path}", "next:", f"  python probe.py {quoted}",
+                              f"  python visualize.py {quoted}", f"  python probe.py {quoted} "
+                              f"--timm {timm_file}   # the encoder for timm, to fine-tune"]
+        assert ("nothing to do" in lines[-6]) == again
         assert any("holds an earlier run that wrote no checkpoint: starting a new log" in s
                    for s in lines) != again
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", "run.lock"]
@@ -769,7 +771,8 @@ def test_probe_end_to_end_writes_the_table_and_is_deterministic(ckpt, capsys):
     args = [ckpt, "--pool", "both", "--layer", "1", "--epochs", "30", "--out", out]
     report, feats = probe.main(args)
     assert json.load(open(out)) == report
-    assert "pool layer   dims  linear top-1  kNN top-1\ncheckpoint" in capsys.readouterr().out
+    assert re.search(r"\ncheckpoint both L1: linear \d+\.\d\d%  kNN \d+\.\d\d%  \(64 dims",
+                     capsys.readouterr().out)
     assert [(r["row"], r["dims"]) for r in report["rows"]] == [
         ("checkpoint", 64), ("random weights", 64), ("raw pixels", 3 * 32 * 32)]
     assert report["command"] == "python probe.py " + " ".join(args)
@@ -807,7 +810,8 @@ def test_probe_progress_lines_every_ten_seconds_and_at_the_end(monkeypatch, caps
 def test_probe_py_in_a_subprocess_reports_each_step_and_writes_json_beside_the_checkpoint(ckpt):
     r = run("probe.py", ckpt, "--epochs", "10")
     assert r.returncode == 0, r.stderr
-    for line in ("linear top-1", "kNN top-1", "checkpoint features, train: 128/128 images",
+    for line in ("checkpoint patch L2: linear", "wrote " + os.path.dirname(ckpt),
+                 "checkpoint features, train: 128/128 images",
                  "raw pixels features, train: 128/128 images", "checkpoint features, test: 32/32 "
                  "images", "linear probe, checkpoint patch L2: 10/10 epochs", "linear probe, raw "
                  "pixels: 10/10 epochs"):        # each extraction and classifier reports its end
@@ -855,6 +859,41 @@ def test_more_workers_than_cpus_are_cut_with_a_note_and_no_pytorch_warning(
         probe.main([ckpt, "--dataset", "imagefolder", "--data", str(tmp_path), "--workers", "3",
                     "--rows", "pixels", "--epochs", "1", "--out", str(tmp_path / "p.json")])
     assert "note: --workers 3 is more than the 1 CPUs here: using 1" in capsys.readouterr().out
+
+@pytest.mark.parametrize("which", ["sm", "base", "random P 1", "random P 0"])
+def test_timm_export_loads_strictly_and_timm_computes_our_features_block_by_block(
+        which, runs, tmp_path, capsys):
+    """probe.py --timm: timm's VisionTransformer loads the file strictly (no head), and the line
+    it prints builds a timm model with a new head whose features, pooled feature and every
+    block's patch outputs equal ours (trained SemanticMIM and baseline; random weights)."""
+    import timm
+    path = runs / which / "checkpoint.pt"
+    if which.startswith("random"):                          # random weights, other shapes
+        torch.manual_seed(0)
+        cfg = tiny(num_proxies=int(which[-1]), baseline=which.endswith("0"), patch_size=8)
+        path = tmp_path / "checkpoint.pt"
+        train.save_checkpoint(str(path), config=asdict(cfg), model=sm.SemanticMIM(cfg).state_dict(),
+                              args={"dataset": "cifar10"})
+    ours, _ = train.load_model(str(path))
+    file = tmp_path / "timm.pth"
+    probe.main([str(path), "--timm", str(file)])
+    headless = timm.models.VisionTransformer(**train.timm_kwargs(ours.cfg), num_classes=0)
+    headless.load_state_dict(torch.load(file, weights_only=True), strict=True)
+    line = next(s for s in capsys.readouterr().out.splitlines() if "timm.create_model" in s)
+    model = eval(line.split("model = ")[1], {"timm": timm}).eval()  # the printed line, run
+    assert model.head.weight.shape == (10, ours.cfg.dim)    # a new head of the task's classes
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        outs, _ = ours.features(x)
+        f = model.forward_features(x)                       # (B, P+N, D)
+        blocks = model.forward_intermediates(x, intermediates_only=True, output_fmt="NLC")
+        close = dict(atol=1e-6, rtol=0)
+        torch.testing.assert_close(f, torch.cat(outs[-1], 1), **close)
+        torch.testing.assert_close(model.forward_head(f, pre_logits=True),
+                                   probe.layer_norm(outs[-1][1].mean(1)), **close)
+        for mine, theirs in zip(outs, blocks, strict=True):
+            torch.testing.assert_close(theirs, mine[1], **close)
+        assert model(x).shape == (3, 10)
 
 ARG = "error: argument {}: {} (see probe.py --help)"
 PROBE_ERRORS = [  # argv with {ckpt}, {tmp}, {noproxy} filled in; the one line or its start

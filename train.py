@@ -469,6 +469,39 @@ def load_model(path):
         raise SystemExit(f"error: {path}: {' '.join(str(e).split())[:400]}") from None
 
 
+def timm_kwargs(cfg):
+    """timm VisionTransformer's arguments for the main stack: [PROXY] = register tokens with own
+    position entries; 'avg' pool + fc_norm = the LayerNorm'd patch mean (the authors' ln2)."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.dim,
+                depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
+                class_token=False, reg_tokens=cfg.num_proxies, no_embed_class=False,
+                global_pool="avg", fc_norm=True)
+
+
+def export_timm(model, ckpt, path):
+    """The encoder for fine-tuning (probe.py --timm): the main stack under timm's names, a file
+    timm's VisionTransformer(**timm_kwargs, num_classes=0) loads strictly; print how to load it.
+    The patch Linear (D, p*p*3), in patchify's order, becomes the Conv2d (D, 3, p, p). Left out,
+    pre-training only: [MASK] (its key makes timm read a DINOv2 file), mask stack, norm, head."""
+    sd, p, D, S = model.state_dict(), model.cfg.patch_size, model.cfg.dim, model.cfg.img_size
+    out = {"patch_embed.proj.weight": sd["patch_embed.weight"].reshape(D, p, p, 3)
+           .permute(0, 3, 1, 2).contiguous(),              # (D, 3, p, p)
+           "patch_embed.proj.bias": sd["patch_embed.bias"], "pos_embed": sd["pos_embed"],
+           **({"reg_token": sd["proxy"]} if model.cfg.num_proxies else {}),
+           **{k.replace("mlp.0.", "mlp.fc1.").replace("mlp.2.", "mlp.fc2."): v
+              for k, v in sd.items() if k.startswith("blocks.")},
+           "fc_norm.weight": torch.ones(D), "fc_norm.bias": torch.zeros(D)}  # the probe's LN
+    save_checkpoint(path, **out)
+    dataset = ckpt.get("args", {}).get("dataset", "imagefolder")
+    kw = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(model.cfg).items())
+    print(f"wrote {path}, the encoder of step {ckpt.get('step')} for timm; with a new head:\n"
+          f"  model = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes="
+          f"{ {'cifar100': 100, 'imagefolder': 1000}.get(dataset, 10)}, drop_path_rate=0.1, {kw}"
+          f", pretrained_cfg_overlay=dict(file={path!r}, num_classes=0, mean="
+          f"{MEAN_STD[dataset][0]}, std={MEAN_STD[dataset][1]}, input_size=(3, {S}, "
+          f"{S})))\nfine-tune it the authors' way: experiments/finetune.py (README, Fine-tuning)")
+
+
 def training_state(model, opt, scaler, gen, step, cfg, args):
     """Everything --resume needs to continue bit for bit (the RNGs too)."""
     rng = {"torch": torch.get_rng_state(), "batch": gen.get_state()}
@@ -553,8 +586,10 @@ def next_steps(ckpt_path, world=1):
     """The last lines of a finished run: its checkpoint and the commands to run on it next."""
     path = shlex.quote(ckpt_path)
     launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+    timm_file = shlex.quote(os.path.join(os.path.dirname(ckpt_path), "timm.pth"))
     return (f"checkpoint: {ckpt_path}\nnext:\n  {launcher} probe.py {path}\n"
-            f"  python visualize.py {path}")
+            f"  python visualize.py {path}\n  python probe.py {path} --timm {timm_file}"
+            f"   # the encoder for timm, to fine-tune")
 
 
 # ---- 6. Training ---------------------------------------------------------------------------------
