@@ -14,9 +14,11 @@ checkpoint's data set through torchvision. ImageNet on GPUs: timm's own train.py
 import argparse
 import json
 import os
+import random
 import sys
 import time
 
+import numpy as np
 import timm
 import torch
 import torchvision
@@ -75,7 +77,9 @@ def main():
         train.export_timm(encoder, ckpt, file)
 
     # the model: the exported encoder (or timm's init), a new head of std 2e-5
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # and below, the shuffle; Mixup draws from numpy, RandAugment
+    random.seed(args.seed)        # from random: with --workers 0 a run repeats exactly
+    np.random.seed(args.seed)
     model = timm.create_model("vit_base_patch16_224", pretrained=not args.random, num_classes=C,
                               drop_path_rate=0.1, **train.timm_kwargs(encoder.cfg),
                               pretrained_cfg_overlay=dict(file=file, num_classes=0))

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The README's three Fashion-MNIST models (see fmnist.sh) at a longer schedule, with a per-epoch
 # trend: each run is trained one epoch per train.py call (--stop-at, then --resume) and keeps a
-# copy ep<E>.pt of every epoch's last checkpoint; experiments/trend.py probes the copies (kNN),
-# then probe.py (every block) and visualize.py --stats take the final checkpoints.
+# copy ep<E>.pt of every epoch's last checkpoint. Then each run is fine-tuned (experiments/
+# finetune.py; SemanticMIM's run also fine-tunes the same ViT from random init), experiments/
+# trend.py probes the copies (kNN), and probe.py (every block) and visualize.py --stats take the
+# final checkpoint.
 #   EPOCHS=8 bash experiments/long.sh semantic:0 baseline:0 maskfeat:0   # runs/long8_NAME_sSEED
 # Each NAME:SEED runs in its own process with one thread, all at once. Rerun to continue: a
 # finished epoch is skipped, an interrupted one continues exactly.
@@ -10,13 +12,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 DATA=${DATA:-data} EPOCHS=${EPOCHS:-8} STEPS=234   # 60,000 // 256 steps an epoch
+FT_EPOCHS=${FT_EPOCHS:-2}                            # fine-tuning epochs (experiments/finetune.py)
 COMMON=(--dataset fashion_mnist --data "$DATA" --dim 128 --depth 4 --heads 4 --batch-size 256
         --blr 1e-3 --amp none --epochs "$EPOCHS" --log-every 50)   # fmnist.sh's, longer
 declare -A MODEL=([semantic]="" [baseline]="--baseline"
                   [maskfeat]="--baseline --num-proxies 1 --mask-ratio 0.4")
 mkdir -p runs
 
-lane() {  # lane NAME SEED: the epochs, their copies, the trend, the final probe and statistics
+lane() {  # lane NAME SEED: the epochs and their copies, fine-tuning, the trend, the final probe
   local out=runs/long${EPOCHS}_$1_s$2 e step
   mkdir -p "$out"
   for e in $(seq 1 "$EPOCHS"); do
@@ -29,6 +32,12 @@ lane() {  # lane NAME SEED: the epochs, their copies, the trend, the final probe
       python train.py --resume --out "$out" --stop-at $((e * STEPS))
     fi >> "$out.txt" 2>&1
     cp "$out/checkpoint.pt" "$out/ep$e.tmp" && mv "$out/ep$e.tmp" "$out/ep$e.pt"
+  done
+  for init in pretrained random; do  # fine-tuned the authors' way; SemanticMIM's run also
+    [ "$init" = pretrained ] || [ "$1" = semantic ] || continue   # holds the random-init ViT
+    local ft=$out/finetune$([ "$init" = random ] && echo _random)_s$2
+    [ -f "$ft.json" ] || python experiments/finetune.py "$out/checkpoint.pt" --epochs "$FT_EPOCHS" \
+      --seed "$2" $([ "$init" = random ] && echo --random) > "$ft.txt" 2>&1
   done
   python experiments/trend.py "$out" >> "$out.txt" 2>&1
   [ -f "$out/probe_patch-proxy_Lall.json" ] || python probe.py "$out/checkpoint.pt" \

@@ -1,8 +1,9 @@
-"""The README's Fashion-MNIST tables (markdown, on stdout) from what experiments/fmnist.sh wrote:
-`python experiments/summarize.py`. Reads, for each model and seed, runs/fmnist_<model>[_s1]/
-log.jsonl (final loss, training time), probe_patch-proxy_Lall.json (linear and kNN top-1 of the
-patch and proxy means at every block) and that checkpoint's numbers in any runs/*/attn_stats.json.
-Prints the mean of the seeds and each seed; a run that is missing is a "-"."""
+"""The README's Fashion-MNIST tables (markdown, on stdout) from what experiments/fmnist.sh wrote,
+`python experiments/summarize.py`, or long.sh's runs/long8_<model>_s<seed>, `... runs long8`.
+Reads, for each model and seed, the run's log.jsonl (final loss, training time),
+probe_patch-proxy_Lall.json (linear and kNN top-1 of the patch and proxy means at every block)
+and that checkpoint's numbers in any runs/*/attn_stats.json. Prints the mean of the seeds and each
+seed; a run that is missing is a "-"."""
 import glob
 import json
 import os
@@ -19,8 +20,10 @@ SEEDS = (0, 1)
 STATS = ("proxy_share", "distance", "query_js", "fg_consistency", "bg_consistency", "proxy_js")
 
 
-def run_dir(root, model, seed):
-    return os.path.join(root, f"fmnist_{model}" + (f"_s{seed}" if seed else ""))
+def run_dir(root, model, seed, prefix="fmnist"):
+    """fmnist.sh's ROOT/fmnist_<model>[_s1]; long.sh's ROOT/<prefix>_<model>_s<seed>."""
+    return os.path.join(root, f"{prefix}_{model}" + (f"_s{seed}" if seed or prefix != "fmnist"
+                                                     else ""))
 
 
 def load(path):
@@ -66,16 +69,18 @@ def attention(root):
     return out
 
 
-def main(root="runs"):
-    probes = {(m, s): load(os.path.join(run_dir(root, m, s), "probe_patch-proxy_Lall.json"))
+def main(root="runs", prefix="fmnist"):
+    probes = {(m, s): load(os.path.join(run_dir(root, m, s, prefix),
+                                        "probe_patch-proxy_Lall.json"))
               for m in MODELS for s in SEEDS}
     if probes[("semantic", 0)] is None:
-        raise SystemExit(f"error: no probe in {run_dir(root, 'semantic', 0)}: run fmnist.sh first")
+        raise SystemExit(f"error: no probe in {run_dir(root, 'semantic', 0, prefix)}: run "
+                         f"{'fmnist.sh' if prefix == 'fmnist' else 'long.sh'} first")
     depth = probes[("semantic", 0)]["config"]["depth"]
     print("| model | linear, patch mean | kNN, patch mean | linear, proxy mean | kNN, proxy mean "
           "| final loss | training min/run |\n|---|---|---|---|---|---|---|")
     for m, name in MODELS.items():
-        runs = [training(run_dir(root, m, s)) for s in SEEDS]
+        runs = [training(run_dir(root, m, s, prefix)) for s in SEEDS]
         acc = {(pool, kind): [accuracy(probes[(m, s)], pool, depth, kind) for s in SEEDS]
                for pool in ("patch", "proxy") for kind in ("linear", "knn")}
         print(f"| {name} | " + " | ".join(cell(acc[k]) for k in (
@@ -96,12 +101,23 @@ def main(root="runs"):
                 cell([accuracy(probes[(m, s)], "patch", i, kind) for s in SEEDS])
                 for i in range(1, depth + 1)) + " |")
 
+    fine = {(m, s, r): load(os.path.join(run_dir(root, m, s, prefix), f"finetune{r}_s{s}.json"))
+            for m in MODELS for s in SEEDS for r in ("", "_random")}
+    if any(fine.values()):
+        print("\nfine-tuned top-1 (experiments/finetune.py), mean (seed 0, seed 1)\n\n| model | "
+              "test top-1 | epochs |\n|---|---|---|")
+        for (m, r), name in [((m, ""), n) for m, n in MODELS.items()] + [
+                (("semantic", "_random"), "the same ViT, timm's random init")]:
+            got = [fine[m, s, r] for s in SEEDS]
+            print(f"| {name} | {cell([g and 100 * g['top1_per_epoch'][-1] for g in got])} | "
+                  f"{next((g['epochs'] for g in got if g), '-')} |")
+
     stats = attention(root)
     print("\nattention statistics per block, mean (seed 0, seed 1)\n\n| model | block | "
           + " | ".join(STATS) + " |\n|---|---|" + "---|" * len(STATS))
     for m, name in MODELS.items():
-        got = [stats.get(os.path.abspath(os.path.join(run_dir(root, m, s), "checkpoint.pt")))
-               for s in SEEDS]
+        got = [stats.get(os.path.abspath(os.path.join(run_dir(root, m, s, prefix),
+                                                      "checkpoint.pt"))) for s in SEEDS]
         for layer in range(1, depth + 1):
             rows = [None if g is None else g["layers"][layer - 1] for g in got]
             print(f"| {name.split(' (')[0]} | {layer} | " + " | ".join(
