@@ -628,6 +628,10 @@ TRAIN_ERRORS = [([flag, v], FLAG.format(flag, v, rule)) for flag, v, rule in (
                                     "that run, or choose another --out"),
     (["--resume", "--epochs", "3", "--out", "{run}"], "error: --resume continues the saved run, "
      "but these flags differ from it: --epochs 3 (saved 1); drop them or start a new --out"),
+    (TINY_RUN + ["--stop-at", "9"], "error: --stop-at 9 is not between step 0 and the last "
+                                    "step 8: pass a step in that range, or leave it out"),
+    (["--resume", "--stop-at", "8", "--out", "{run}"], "error: --stop-at 8 is not between step 8 "
+     "and the last step 8"),                                # the run is complete: it would not stop
     (["--resume", "--out", "{tmp}/weights"], "error: {tmp}/weights/checkpoint.pt is not a "
      "checkpoint written by train.py (no optimizer, scaler, rng, step, args)"),  # config, model
 ]
