@@ -4,7 +4,8 @@
 # copy ep<E>.pt of every epoch's last checkpoint. Then each run is fine-tuned (experiments/
 # finetune.py; SemanticMIM's run also fine-tunes the same ViT from random init), experiments/
 # trend.py probes the copies (kNN), and probe.py (every block) and visualize.py --stats take the
-# final checkpoint.
+# final checkpoint. Last, summarize.py keeps every run's figures in experiments/results/ (in git:
+# run folders die with their machine) and prints the tables; trend.py draws the figure.
 #   EPOCHS=8 bash experiments/long.sh semantic:0 baseline:0 maskfeat:0   # runs/long8_NAME_sSEED
 # Each NAME:SEED runs in its own process with one thread, all at once. Rerun to continue: a
 # finished epoch is skipped, an interrupted one continues exactly.
@@ -24,8 +25,8 @@ lane() {  # lane NAME SEED: the epochs and their copies, fine-tuning, the trend,
   mkdir -p "$out"
   for e in $(seq 1 "$EPOCHS"); do
     [ -f "$out/ep$e.pt" ] && continue
-    step=$( [ -f "$out/checkpoint.pt" ] && python -c "import torch; print(torch.load(
-      '$out/checkpoint.pt', map_location='cpu', weights_only=True)['step'])" || echo 0)
+    step=$( [ -f "$out/checkpoint.pt" ] && python -c "import train; print(train.read_checkpoint(
+      '$out/checkpoint.pt', needs=('step',))['step'])" || echo 0)
     if [ "$step" = 0 ]; then  # shellcheck disable=SC2086
       python train.py "${COMMON[@]}" --seed "$2" ${MODEL[$1]} --out "$out" --stop-at $STEPS
     elif [ "$step" != $((e * STEPS)) ]; then
@@ -47,3 +48,7 @@ lane() {  # lane NAME SEED: the epochs and their copies, fine-tuning, the trend,
 
 for job in "$@"; do lane "${job%:*}" "${job#*:}" & done
 wait
+# the runs' figures, kept in git (experiments/results/long<EPOCHS>.json), and the trend figure
+python experiments/summarize.py runs "long$EPOCHS" --save | tee "runs/long${EPOCHS}_summary.md"
+python experiments/trend.py --plot "experiments/results/long$EPOCHS.json" \
+  --out "runs/long${EPOCHS}_trend.png"

@@ -1,9 +1,17 @@
-"""The README's Fashion-MNIST tables (markdown, on stdout) from what experiments/fmnist.sh wrote,
-`python experiments/summarize.py`, or long.sh's runs/long8_<model>_s<seed>, `... runs long8`.
-Reads, for each model and seed, the run's log.jsonl (final loss, training time),
-probe_patch-proxy_Lall.json (linear and kNN top-1 of the patch and proxy means at every block)
-and that checkpoint's numbers in any runs/*/attn_stats.json. Prints the mean of the seeds and each
-seed; a run that is missing is a "-"."""
+"""The README's Fashion-MNIST tables (markdown, on stdout) from the runs of experiments/fmnist.sh
+or experiments/long.sh:
+
+    python experiments/summarize.py                       # fmnist.sh's runs/fmnist_<model>[_s1]
+    python experiments/summarize.py runs long8 --save     # long.sh's runs/long8_<model>_s<seed>
+
+Each run becomes a record of its figures: from its log.jsonl the final loss and training time,
+from probe_patch-proxy_Lall.json linear and kNN top-1 of the patch and proxy means at every block
+(and the raw pixels), the fine-tunes (finetune[_random]_s<seed>.json), the per-epoch kNN
+(trend.json) and that checkpoint's attention statistics from any ROOT/*/attn_stats.json.
+A run's folder dies with the machine that ran it (checkpoints stay out of git); its record need
+not: --save merges the records into experiments/results/<prefix>.json, which is kept in git, and a
+run missing under ROOT is read from there. Prints the mean of the seeds and each seed; a run in
+neither place is a "-"."""
 import glob
 import json
 import os
@@ -18,6 +26,7 @@ MODELS = {"semantic": "SemanticMIM (P 8, mask 0.8)",
           "maskfeat": "authors' MaskFeat settings (`--baseline`, P 1, mask 0.4)"}
 SEEDS = (0, 1)
 STATS = ("proxy_share", "distance", "query_js", "fg_consistency", "bg_consistency", "proxy_js")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def run_dir(root, model, seed, prefix="fmnist"):
@@ -44,11 +53,38 @@ def training(folder, batch=256):
     return log[-1]["loss"], seconds / 60
 
 
-def accuracy(probe, pool, layer, kind):
+def attention(root):
+    """{checkpoint path: per-layer statistics, uniform} from every attn_stats.json under root."""
+    out = {}
+    for path in glob.glob(os.path.join(root, "*", "attn_stats.json")):
+        for m in load(path)["models"]:
+            out[os.path.abspath(m["checkpoint"])] = m     # as given, from the repository root
+    return out
+
+
+def record(folder, seed, stats):
+    """A run's figures (top-1 in %), or None where it has no probe yet."""
+    probe = load(os.path.join(folder, "probe_patch-proxy_Lall.json"))
     if probe is None:
         return None
-    return next(100 * r[f"{kind}_top1"] for r in probe["rows"]
-                if r["row"] == "checkpoint" and r["pool"] == pool and r["layer"] == layer)
+    depth, (loss, minutes) = probe["config"]["depth"], training(folder)
+    rows = {(r["row"], r["pool"], r["layer"]): r for r in probe["rows"]}
+    pixels = next((r for r in probe["rows"] if r["row"] == "raw pixels"), None)
+    fine = [load(os.path.join(folder, f"finetune{r}_s{seed}.json")) for r in ("", "_random")]
+    trend = load(os.path.join(folder, "trend.json"))
+    attn = stats.get(os.path.abspath(os.path.join(folder, "checkpoint.pt")))
+    return {"source": folder, "depth": depth, "loss": loss, "minutes": minutes,
+            **{f"{kind}_{pool}": [100 * rows["checkpoint", pool, i][f"{kind}_top1"]
+                                  for i in range(1, depth + 1)]
+               for kind in ("linear", "knn") for pool in ("patch", "proxy")},
+            "pixels": pixels and {"dims": pixels["dims"], "linear": 100 * pixels["linear_top1"],
+                                  "knn": 100 * pixels["knn_top1"]},
+            **{key: f and [100 * t for t in f["top1_per_epoch"]]
+               for key, f in zip(("finetune", "finetune_random"), fine)},
+            "trend": trend and [[r["epoch"], 100 * r["knn_patch"], 100 * r["knn_proxy"]]
+                                for r in trend["epochs"]],
+            "attention": attn and [{s: layer[s] for s in STATS} for layer in attn["layers"]],
+            "uniform": attn and {"num_proxies": attn["config"]["num_proxies"], **attn["uniform"]}}
 
 
 def cell(values, fmt="{:.2f}"):
@@ -60,70 +96,76 @@ def cell(values, fmt="{:.2f}"):
         "-" if v is None else fmt.format(v) for v in values) + ")"
 
 
-def attention(root):
-    """{checkpoint path: per-layer statistics, uniform} from every attn_stats.json under root."""
-    out = {}
-    for path in glob.glob(os.path.join(root, "*", "attn_stats.json")):
-        for m in load(path)["models"]:
-            out[os.path.abspath(m["checkpoint"])] = m     # as given, from the repository root
-    return out
-
-
-def main(root="runs", prefix="fmnist"):
-    probes = {(m, s): load(os.path.join(run_dir(root, m, s, prefix),
-                                        "probe_patch-proxy_Lall.json"))
-              for m in MODELS for s in SEEDS}
-    if probes[("semantic", 0)] is None:
+def main(root="runs", prefix="fmnist", *flags):
+    saved_path = os.path.join(RESULTS, f"{prefix}.json")
+    saved = (load(saved_path) or {"runs": {}})["runs"]
+    stats = attention(root)
+    runs = {f"{m}_s{s}": record(run_dir(root, m, s, prefix), s, stats) or saved.get(f"{m}_s{s}")
+            for m in MODELS for s in SEEDS}
+    if "--save" in flags:
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(saved_path + ".tmp", "w") as f:
+            json.dump({"runs": {k: v for k, v in runs.items() if v}}, f, indent=1)
+        os.replace(saved_path + ".tmp", saved_path)
+        print(f"wrote {os.path.relpath(saved_path)}")
+    if runs["semantic_s0"] is None and runs["semantic_s1"] is None:
         raise SystemExit(f"error: no probe in {run_dir(root, 'semantic', 0, prefix)}: run "
                          f"{'fmnist.sh' if prefix == 'fmnist' else 'long.sh'} first")
-    depth = probes[("semantic", 0)]["config"]["depth"]
+
+    def get(m, key, i=None):  # the seeds' values of one figure; None where a run lacks it
+        recs = [runs[f"{m}_s{s}"] for s in SEEDS]
+        return [None if r is None or r.get(key) is None else r[key] if i is None else r[key][i]
+                for r in recs]
+
+    depth = next(r["depth"] for r in runs.values() if r)
     print("| model | linear, patch mean | kNN, patch mean | linear, proxy mean | kNN, proxy mean "
           "| final loss | training min/run |\n|---|---|---|---|---|---|---|")
     for m, name in MODELS.items():
-        runs = [training(run_dir(root, m, s, prefix)) for s in SEEDS]
-        acc = {(pool, kind): [accuracy(probes[(m, s)], pool, depth, kind) for s in SEEDS]
-               for pool in ("patch", "proxy") for kind in ("linear", "knn")}
-        print(f"| {name} | " + " | ".join(cell(acc[k]) for k in (
-            ("patch", "linear"), ("patch", "knn"), ("proxy", "linear"), ("proxy", "knn")))
-              + f" | {cell([r[0] for r in runs], '{:.4f}')} | "
-              f"{cell([r[1] for r in runs], '{:.1f}')} |")
-    pixels = [r for r in probes[("semantic", 0)]["rows"] if r["row"] == "raw pixels"]
+        print(f"| {name} | " + " | ".join(cell(get(m, f"{kind}_{pool}", -1)) for pool in (
+            "patch", "proxy") for kind in ("linear", "knn"))
+              + f" | {cell(get(m, 'loss'), '{:.4f}')} | {cell(get(m, 'minutes'), '{:.1f}')} |")
+    pixels = next((p for p in get("semantic", "pixels") if p), None)
     if pixels:
-        print(f"| raw pixels ({pixels[0]['dims']} dims) | {100 * pixels[0]['linear_top1']:.2f} | "
-              f"{100 * pixels[0]['knn_top1']:.2f} | | | | |")
+        print(f"| raw pixels ({pixels['dims']} dims) | {pixels['linear']:.2f} | "
+              f"{pixels['knn']:.2f} | | | | |")
 
     for kind in ("knn", "linear"):
         print(f"\n{kind} top-1 of the patch mean per block, mean (seed 0, seed 1)\n\n| model | "
               + " | ".join(f"block {i}" for i in range(1, depth + 1)) + " |\n|---|"
               + "---|" * depth)
         for m, name in MODELS.items():
-            print(f"| {name} | " + " | ".join(
-                cell([accuracy(probes[(m, s)], "patch", i, kind) for s in SEEDS])
-                for i in range(1, depth + 1)) + " |")
+            print(f"| {name} | " + " | ".join(cell(get(m, f"{kind}_patch", i))
+                                              for i in range(depth)) + " |")
 
-    fine = {(m, s, r): load(os.path.join(run_dir(root, m, s, prefix), f"finetune{r}_s{s}.json"))
-            for m in MODELS for s in SEEDS for r in ("", "_random")}
-    if any(fine.values()):
+    if any(r and r["finetune"] for r in runs.values()):
         print("\nfine-tuned top-1 (experiments/finetune.py), mean (seed 0, seed 1)\n\n| model | "
-              "test top-1 | epochs |\n|---|---|---|")
-        for (m, r), name in [((m, ""), n) for m, n in MODELS.items()] + [
-                (("semantic", "_random"), "the same ViT, timm's random init")]:
-            got = [fine[m, s, r] for s in SEEDS]
-            print(f"| {name} | {cell([g and 100 * g['top1_per_epoch'][-1] for g in got])} | "
-                  f"{next((g['epochs'] for g in got if g), '-')} |")
+              "after epoch 1 | test top-1 | epochs |\n|---|---|---|---|")
+        for m, key, name in [(m, "finetune", n) for m, n in MODELS.items()] + [
+                ("semantic", "finetune_random", "the same ViT, timm's random init")]:
+            curves = get(m, key)
+            print(f"| {name} | {cell([c and c[0] for c in curves])} | "
+                  f"{cell([c and c[-1] for c in curves])} | "
+                  f"{next((len(c) for c in curves if c), '-')} |")
 
-    stats = attention(root)
+    if any(r and r["trend"] for r in runs.values()):
+        epochs = len(next(r["trend"] for r in runs.values() if r and r["trend"]))
+        print("\nkNN top-1 per epoch (last block, 10,000 training images), patch / proxy mean, "
+              "seed 0; seed 1\n\n| model | " + " | ".join(
+                  f"epoch {e}" for e in range(1, epochs + 1)) + " |\n|---|" + "---|" * epochs)
+        for m, name in MODELS.items():
+            per_seed = [t or [] for t in get(m, "trend")]
+            print(f"| {name.split(' (')[0]} | " + " | ".join("; ".join(
+                f"{t[i][1]:.1f}/{t[i][2]:.1f}" if i < len(t) else "-" for t in per_seed)
+                for i in range(epochs)) + " |")
+
     print("\nattention statistics per block, mean (seed 0, seed 1)\n\n| model | block | "
           + " | ".join(STATS) + " |\n|---|---|" + "---|" * len(STATS))
     for m, name in MODELS.items():
-        got = [stats.get(os.path.abspath(os.path.join(run_dir(root, m, s, prefix),
-                                                      "checkpoint.pt"))) for s in SEEDS]
-        for layer in range(1, depth + 1):
-            rows = [None if g is None else g["layers"][layer - 1] for g in got]
-            print(f"| {name.split(' (')[0]} | {layer} | " + " | ".join(
-                cell([None if r is None else r[st] for r in rows], "{:.3f}") for st in STATS)
-                + " |")
-    uniform = {m["config"]["num_proxies"]: m["uniform"] for m in stats.values()}
+        for layer in range(depth):
+            print(f"| {name.split(' (')[0]} | {layer + 1} | " + " | ".join(cell(
+                [None if a is None or a[layer][st] is None else a[layer][st]
+                 for a in get(m, "attention")], "{:.3f}") for st in STATS) + " |")
+    uniform = {u["num_proxies"]: u for r in runs.values() if r and (u := r["uniform"])}
     for P, u in sorted(uniform.items()):
         print(f"| uniform attention, P {P} | any | " + " | ".join(
             "-" if u[st] is None else f"{u[st]:.3f}" for st in STATS) + " |")

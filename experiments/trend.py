@@ -6,7 +6,8 @@ images (probe.py's final probe of RUN/checkpoint.pt uses all 60,000). Resumable:
 keeps the epochs done.
 
     python experiments/trend.py runs/long8_semantic_s0                 # -> RUN/trend.json
-    python experiments/trend.py --plot runs/long8_* --out docs/figures/trend.png
+    python experiments/summarize.py runs long8 --save    # -> experiments/results/long8.json
+    python experiments/trend.py --plot experiments/results/long8.json --out docs/figures/trend.png
 """
 import argparse
 import glob
@@ -68,17 +69,19 @@ def trend(run):
         os.replace(path + ".tmp", path)
 
 
-def plot(runs, out):
+def plot(results, out):
+    """Every record's trend in summarize.py's results file: a line per seed and readout."""
+    runs, drawn = json.load(open(results))["runs"], set()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for run in runs:
-        name = re.search(r"long\d+_(\w+?)_s\d+", run).group(1)
-        label, colour = MODELS[name]
-        rows = json.load(open(os.path.join(run, "trend.json")))["epochs"]
-        for pool, style in (("patch", "-"), ("proxy", "--")):
-            ax.plot([r["epoch"] for r in rows], [100 * r[f"knn_{pool}"] for r in rows], style,
-                    color=colour, lw=1.2, marker="o", ms=3,
-                    label=f"{label}, {pool} mean" if run == [r for r in runs if name in r][0]
-                    else None)
+    for key, rec in sorted(runs.items()):
+        if not rec.get("trend"):
+            continue
+        label, colour = MODELS[key.rsplit("_s", 1)[0]]
+        for pool, col, style in (("patch", 1, "-"), ("proxy", 2, "--")):
+            ax_label = None if (label, pool) in drawn else f"{label}, {pool} mean"
+            drawn.add((label, pool))
+            ax.plot([r[0] for r in rec["trend"]], [r[col] for r in rec["trend"]], style,
+                    color=colour, lw=1, marker="o", ms=2.5, label=ax_label)
     ax.set(xlabel="epoch", ylabel="kNN top-1 (%), 10k training images",
            title="Fashion-MNIST, last block: kNN against epoch (one line per seed)")
     ax.grid(alpha=0.3)
@@ -90,8 +93,8 @@ def plot(runs, out):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--plot", action="store_true", help="draw the runs' trend.json instead")
+    p.add_argument("runs", nargs="+", help="long.sh's run folders (--plot: a results file)")
+    p.add_argument("--plot", action="store_true", help="draw summarize.py's results file")
     p.add_argument("--out", default="docs/figures/trend.png")
     a = p.parse_args()
-    plot(a.runs, a.out) if a.plot else [trend(run) for run in a.runs]
+    plot(a.runs[0], a.out) if a.plot else [trend(run) for run in a.runs]
