@@ -49,6 +49,6 @@ lane() {  # lane NAME SEED: the epochs and their copies, fine-tuning, the trend,
 for job in "$@"; do lane "${job%:*}" "${job#*:}" & done
 wait
 # the runs' figures, kept in git (experiments/results/long<EPOCHS>.json), and the trend figure
-python experiments/summarize.py runs "long$EPOCHS" --save | tee "runs/long${EPOCHS}_summary.md"
+python experiments/summarize.py runs "long$EPOCHS" --save | tee "runs/long${EPOCHS}_summary.txt"
 python experiments/trend.py --plot "experiments/results/long$EPOCHS.json" \
   --out "runs/long${EPOCHS}_trend.png"
