@@ -190,6 +190,8 @@ MEAN_STD = {  # per-channel mean and std of each set's training images (ImageNet
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "synthetic": ((0.5,) * 3, (0.25,) * 3)}
 DATASETS = tuple(MEAN_STD)
+TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100",   # torchvision.datasets' class
+               "fashion_mnist": "FashionMNIST"}
 OFFLINE_HINT = ("offline choices: --dataset fashion_mnist --data DIR with the Debian copy "
                 "unpacked into DIR/FashionMNIST/raw (see README), --dataset imagefolder --data "
                 "DIR, or --dataset synthetic")
@@ -280,8 +282,7 @@ def load_split(dataset, root, split, size, synthetic_size=1024, augment=False, m
         n = synthetic_size if split == "train" else max(synthetic_size // 4, 1)
         x, y = synthetic_images(n, size, seed=1 if split == "train" else 2)
         return x, y, [str(c) for c in range(10)]
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-           "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]
+    cls = getattr(torchvision.datasets, TORCHVISION[dataset])
     try:
         ds = cls(root, train=split == "train", download=True)
     except (OSError, RuntimeError) as e:

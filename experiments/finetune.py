@@ -45,8 +45,7 @@ def datasets(name, root, size, mean, std):
     if name == "imagefolder":
         return [torchvision.datasets.ImageFolder(os.path.join(root, s), tf)
                 for s, tf in zip(("train", "val"), tfs)]
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-           "fashion_mnist": torchvision.datasets.FashionMNIST}[name]
+    cls = getattr(torchvision.datasets, train.TORCHVISION[name])      # load_split's classes
     return [cls(root, train=t, download=True, transform=tf) for t, tf in zip((True, False), tfs)]
 
 
