@@ -96,13 +96,13 @@ def cell(values, fmt="{:.2f}"):
         "-" if v is None else fmt.format(v) for v in values) + ")"
 
 
-def main(root="runs", prefix="fmnist", *flags):
+def main(root="runs", prefix="fmnist", save=False):
     saved_path = os.path.join(RESULTS, f"{prefix}.json")
     saved = (load(saved_path) or {"runs": {}})["runs"]
     stats = attention(root)
     runs = {f"{m}_s{s}": record(run_dir(root, m, s, prefix), s, stats) or saved.get(f"{m}_s{s}")
             for m in MODELS for s in SEEDS}
-    if "--save" in flags:
+    if save:
         os.makedirs(RESULTS, exist_ok=True)
         with open(saved_path + ".tmp", "w") as f:
             json.dump({"runs": {k: v for k, v in runs.items() if v}}, f, indent=1)
@@ -173,4 +173,4 @@ def main(root="runs", prefix="fmnist", *flags):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(*[a for a in sys.argv[1:] if a != "--save"], save="--save" in sys.argv)
