@@ -102,15 +102,15 @@ def main(root="runs", prefix="fmnist", save=False):
     stats = attention(root)
     runs = {f"{m}_s{s}": record(run_dir(root, m, s, prefix), s, stats) or saved.get(f"{m}_s{s}")
             for m in MODELS for s in SEEDS}
+    if runs["semantic_s0"] is None and runs["semantic_s1"] is None:
+        raise SystemExit(f"error: no probe in {run_dir(root, 'semantic', 0, prefix)}: run "
+                         f"{'fmnist.sh' if prefix == 'fmnist' else 'long.sh'} first")
     if save:
         os.makedirs(RESULTS, exist_ok=True)
         with open(saved_path + ".tmp", "w") as f:
             json.dump({"runs": {k: v for k, v in runs.items() if v}}, f, indent=1)
         os.replace(saved_path + ".tmp", saved_path)
         print(f"wrote {os.path.relpath(saved_path)}")
-    if runs["semantic_s0"] is None and runs["semantic_s1"] is None:
-        raise SystemExit(f"error: no probe in {run_dir(root, 'semantic', 0, prefix)}: run "
-                         f"{'fmnist.sh' if prefix == 'fmnist' else 'long.sh'} first")
 
     def get(m, key, i=None):  # the seeds' values of one figure; None where a run lacks it
         recs = [runs[f"{m}_s{s}"] for s in SEEDS]
