@@ -10,7 +10,6 @@ a block's patch tokens (or proxies, or both), once or (--augmented) per epoch of
 """
 import argparse
 import copy
-import json
 import os
 import shlex
 import sys
@@ -24,6 +23,7 @@ import semanticmim as sm
 import train
 
 ROWS = {"checkpoint": "checkpoint", "random": "random weights", "pixels": "raw pixels"}
+PIXELS_GIB = 8  # the raw-pixel row holds every image's pixels on rank 0's device: CIFAR-sized only
 
 
 # ---- Data: one split's labels and this rank's shard of its normalised images -------------------
@@ -94,7 +94,8 @@ def progress(what, total, unit, every=10.0):
 @torch.no_grad()
 def extract(fn, batches, n, world, device, amp=None, what=None):
     """fn (images -> {key: (B, F)}) over this rank's shard, gathered to {key: (n, F)} float32 in
-    data-set order on every rank. With `what`, progress lines on rank 0 (of its shard)."""
+    data-set order on rank 0 (the only rank that fits and scores; the others keep their shard).
+    With `what`, progress lines on rank 0 (of its shard)."""
     rank = dist.get_rank() if world > 1 else 0
     sizes = [len(shard(n, r, world)) for r in range(world)]
     update = progress(what, sizes[rank], "images") if what and rank == 0 else lambda done: None
@@ -109,9 +110,9 @@ def extract(fn, batches, n, world, device, amp=None, what=None):
     for key, f in out.items() if world > 1 else ():
         padded = f.new_zeros(max(sizes), f.shape[1])        # (rows, F): one length for all
         padded[:len(f)] = f
-        pieces = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(pieces, padded)
-        out[key] = torch.cat([p[:s] for p, s in zip(pieces, sizes)])  # (n, F)
+        pieces = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+        dist.gather(padded, pieces)
+        out[key] = torch.cat([p[:s] for p, s in zip(pieces, sizes)]) if rank == 0 else f  # (n, F)
     return out
 
 
@@ -178,8 +179,8 @@ def build_parser():
         help="mean of the patch tokens (authors'), of the proxies, or both (one pass for all)")
     add("--layer", nargs="+", type=layer_arg, default=None,
         help="main blocks, 1..depth, or 'all' (None: the last; one pass for all)")
-    add("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS),
-        help="the checkpoint, the same network at its initial weights, the raw pixels")
+    add("--rows", nargs="+", choices=tuple(ROWS), help="the checkpoint, the same network at its "
+        f"initial weights, the raw pixels (None: all; the pixels only up to {PIXELS_GIB} GiB)")
     add("--epochs", type=train.COUNT, default=100, help="linear classifier epochs")
     add("--lr", type=train.POSITIVE, default=4e-3, help="the authors' at batch 1024")
     add("--weight-decay", type=train.NONNEGATIVE, default=1e-4)
@@ -233,14 +234,14 @@ def load(args):
             f"{'_' + args.dataset if args.dataset != saved.get('dataset') else ''}"
             f"{'_aug' if args.augmented else ''}.json")
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name)
+    train.check_output(args.timm or args.out, reading=args.checkpoint)  # before any work
     return model, ckpt
 
 
 def write_report(args, argv, ckpt, world, device, sizes, num_classes, results, t0):
     """The JSON report at args.out, and the printed table."""
-    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
     one = {k: v[0] if len(v) == 1 else v for k, v in (("pool", args.pool), ("layer", args.layer))}
-    report = {"command": shlex.join(launcher + ["probe.py"] + argv),
+    report = {"command": shlex.join(train.launcher(world).split() + ["probe.py"] + argv),
               "checkpoint": os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
               "config": ckpt["config"], "dataset": args.dataset, "data": args.data,
               "train_images": sizes[0], "test_images": sizes[1], "num_classes": num_classes,
@@ -249,8 +250,7 @@ def write_report(args, argv, ckpt, world, device, sizes, num_classes, results, t
                   "temperature", "seed")},
               "processes": world, "device": str(device), "rows": results,
               "wall_time_s": round(time.time() - t0, 2)}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    train.write_json(args.out, report)
     print(f"probe of {args.checkpoint} (step {report['step']}) on {args.dataset}: {sizes[0]} "
           f"train / {sizes[1]} test images, {args.epochs} epochs{' augmented' * args.augmented}"
           f", kNN k={args.k}: wrote {args.out} ({report['wall_time_s']:.1f} s)\ncommand: "
@@ -263,13 +263,22 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args, t0 = build_parser().parse_args(argv), time.time()
     model, ckpt = load(args)
-    if args.timm:
-        return train.export_timm(model, ckpt, args.timm), {}
+    if args.timm:  # one file, written by rank 0 alone under torchrun
+        return train.export_timm(model, ckpt, args.timm) if os.environ.get("RANK", "0") == "0" \
+            else None, {}
     rank, world, device = train.setup_distributed(args.device)
     amp, S = torch.bfloat16 if args.amp == "bf16" else None, model.cfg.img_size
     train_y, train_batches = load_split(args, "train", S, rank, world, device)
     test_y, test_batches = load_split(args, "test", S, rank, world, device)
     C = int(max(train_y.max(), test_y.max())) + 1           # classes
+    gib = (len(train_y) + len(test_y)) * 3 * S * S * 4 / 2 ** 30  # the raw-pixel row, float32
+    if gib > PIXELS_GIB and "pixels" in (args.rows or []):
+        raise SystemExit(f"error: --rows pixels would hold {gib:.0f} GiB of raw pixels on one "
+                         f"device (at most {PIXELS_GIB}): leave out pixels for this data set")
+    if args.rows is None:
+        args.rows = list(ROWS)[:2 if gib > PIXELS_GIB else 3]
+        if gib > PIXELS_GIB and rank == 0:
+            print(f"note: no raw-pixel row: it would hold {gib:.0f} GiB on one device", flush=True)
     nets = {"checkpoint": model}
     if "random" in args.rows:  # seeded as train.py seeds it: the checkpoint's own initialisation
         torch.manual_seed(ckpt.get("args", {}).get("seed", args.seed))
@@ -315,4 +324,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    train.run_main(main)

@@ -341,12 +341,12 @@ def hog_target(imgs, patch_size, nbins=9):
     (mmpretrain/models/selfsup/maskfeat.py, used by the authors' code), (B, N, 3*9*2*2).
 
     Departure, on purpose: that generator hard-codes a 14x14 patch grid (224 px, patch 16); this
-    one works at any image size divisible by an even patch size (CIFAR: 32 px, patch 4), with
-    cells of patch/2 pixels, so each patch has 2x2 cells (tested at 224/16 and 32/4 against a
-    naive pixel-by-pixel loop). Feature order (channel, bin, cell_row, cell_col)."""
+    one takes any image size divisible by an even patch size (CIFAR: 32 px, patch 4), 2x2 cells
+    per patch (tested at 224/16 and 32/4 against a naive loop). Order (channel, bin, cell r, c)."""
     B, C, H, W = imgs.shape
     p, cell = patch_size, patch_size // 2
-    wx = torch.tensor([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=imgs.dtype, device=imgs.device)
+    d = torch.arange(-1, 2, dtype=imgs.dtype, device=imgs.device)  # made there: no host sync
+    wx = torch.outer(2 - d.abs(), d.flip(0))                # (3, 3) [[1, 0, -1], [2, 0, -2], ...]
     x = F.pad(imgs, (1, 1, 1, 1), mode="reflect")           # (B, C, H+2, W+2)
     gx = F.conv2d(x, wx.expand(C, 1, 3, 3), groups=C)       # (B, C, H, W), depthwise Sobel
     gy = F.conv2d(x, wx.t().expand(C, 1, 3, 3), groups=C)   # (B, C, H, W)

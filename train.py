@@ -5,15 +5,20 @@
     torchrun --nproc_per_node=8 train.py --data /imagenet --epochs 300 --warmup-epochs 30 \
         --batch-size 2048                            # the authors' ViT-B/16 settings
 
---batch-size is the global batch: the same command trains the same model on 1 or 8 processes.
+--batch-size is the global batch: the same command trains the same model on 1 or 8 processes,
+in micro-batches of --micro-batch images per process per forward where a batch does not fit.
 lr = --blr * global batch / 256 (the authors' 1.6e-3 at batch 2048 is --blr 2e-4). Checkpoints:
-every --ckpt-every steps, --ckpt-minutes after the last save, at the end and on SIGTERM/SIGINT;
---resume continues a run bit for bit. This file is also the one home of what probe.py and
-visualize.py share: flag types, distributed set-up, data (one split loader) and checkpoint files.
+every --ckpt-every steps, --ckpt-minutes after the last save, at the end and after the step a
+SIGTERM/SIGINT arrives in; --resume continues a run bit for bit, on the same data. This file is
+also the one home of what probe.py and visualize.py share: flag types, distributed set-up, data
+(one split loader), checkpoint and report files.
 Sections: 1 arguments, 2 distributed, 3 data, 4 model and optimizer, 5 checkpoints, 6 the loop.
 """
 import argparse
+import contextlib
 import fcntl
+import functools
+import hashlib
 import json
 import math
 import os
@@ -21,6 +26,7 @@ import pickle
 import shlex
 import shutil
 import signal
+import sys
 import time
 import zipfile
 from dataclasses import asdict, fields
@@ -66,13 +72,30 @@ def one_line_errors(parser):
     return parser
 
 
+def run_main(main):
+    """A script's entry: Ctrl-C ends it in one line, not a traceback (every file is written whole
+    or not at all, so nothing is left half-written)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("stopped by Ctrl-C") from None
+
+
+def say(text):
+    """print, flushed; a reader gone (Ctrl-C on `python train.py | tee`) must not stop a save."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:                                 # stdout to /dev/null from now on
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 # The base learning rate of each preset. vit_b16: the authors' 1.6e-3 at batch 2048. cifar: 1e-3,
 # the rate of the README's Fashion-MNIST results (at 2e-4 one epoch left the last block's
 # attention as good as uniform).
 BLR = {"cifar": 1e-3, "vit_b16": 2e-4}
 ARCH_FLAGS = tuple(f.name for f in fields(sm.Config))  # each has a flag, None = the preset's
 RUNTIME_FLAGS = {"out", "resume", "data", "device", "workers", "compile", "log_every",
-                 "ckpt_every", "ckpt_minutes", "stop_at"}  # may change on --resume; others may not
+                 "ckpt_every", "ckpt_minutes", "stop_at", "micro_batch"}  # may change on --resume
 
 
 def build_parser(prog="train.py"):
@@ -102,6 +125,8 @@ def build_parser(prog="train.py"):
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=COUNT, default=1)
     o.add_argument("--batch-size", type=COUNT, default=256, help="global, over all processes")
+    o.add_argument("--micro-batch", type=COUNT, help="images per process per forward: gradients "
+                   "accumulate over a process's batch in these (default: all of it at once)")
     o.add_argument("--blr", type=POSITIVE, help="lr per 256 images; default: the preset's (BLR)")
     o.add_argument("--min-lr", type=NONNEGATIVE, default=1e-6)
     o.add_argument("--warmup-epochs", type=NONNEGATIVE, help="default: 10%% of --epochs")
@@ -180,6 +205,11 @@ def setup_distributed(device_arg="auto"):
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, torch.device("cuda", local) if use_cuda else torch.device("cpu")
+
+
+def rank_or_none():
+    """This process's rank among several, or None when it runs alone."""
+    return dist.get_rank() if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 # ---- 3. Data: small sets as one uint8 tensor on the device; image folders through workers --------
@@ -282,15 +312,25 @@ def load_split(dataset, root, split, size, synthetic_size=1024, augment=False, m
         n = synthetic_size if split == "train" else max(synthetic_size // 4, 1)
         x, y = synthetic_images(n, size, seed=1 if split == "train" else 2)
         return x, y, [str(c) for c in range(10)]
-    cls = getattr(torchvision.datasets, TORCHVISION[dataset])
+    cls, rank = getattr(torchvision.datasets, TORCHVISION[dataset]), rank_or_none()
+    if rank:
+        dist.barrier()                                      # rank 0 downloads, then the others read
     try:
         ds = cls(root, train=split == "train", download=True)
     except (OSError, RuntimeError) as e:
         raise SystemExit(f"error: could not load or download {dataset} into {root} ({e}); "
                          f"{OFFLINE_HINT}") from None
+    if rank == 0:
+        dist.barrier()
     x = torch.as_tensor(ds.data)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (n, C, h, w): 1 or 3 channels
     return x.contiguous(), torch.as_tensor(ds.targets), ds.classes
+
+
+@functools.lru_cache
+def on_device(values, device):
+    """A constant made on the device once: torch.tensor(..., device=GPU) waits for the GPU."""
+    return torch.tensor(values, device=device)
 
 
 def to_model_input(x, size, mean, std):
@@ -300,7 +340,7 @@ def to_model_input(x, size, mean, std):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
                           align_corners=False).clamp(0, 1)
     x = x.expand(-1, 3, -1, -1)                            # grayscale -> 3 channels
-    m, s = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    m, s = (on_device(tuple(v), x.device).view(1, 3, 1, 1) for v in (mean, std))
     return (x - m) / s
 
 
@@ -324,11 +364,22 @@ def augment(x, size, r, min_scale=0.5):
 
 
 def usable_workers(n, say=True):
-    """--workers, at most the CPUs this process may use (above that PyTorch warns), with a note."""
+    """--workers per process, at most the CPUs here shared by this node's processes (torchrun's
+    LOCAL_WORLD_SIZE; above that PyTorch warns and the node is oversubscribed), with a note."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if n > cpus and say:
-        print(f"note: --workers {n} is more than the {cpus} CPUs here: using {cpus}", flush=True)
-    return min(n, cpus)
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cap = max(1, cpus // procs)
+    if n > cap and say:
+        print(f"note: --workers {n} is more than the {cpus} CPUs here"
+              f"{f' shared by {procs} processes' * (procs > 1)}: using {cap}", flush=True)
+    return min(n, cap)
+
+
+def quiet_worker(_):
+    """A DataLoader worker lives through SIGTERM/SIGINT: a scheduler or torchrun signals the
+    whole process group, and the training process must still read the step it saves after."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def collate_or_message(items):
@@ -343,14 +394,16 @@ def batches(images, keys, batch, device, size, mean, std, workers=0, draw=None, 
     draw(indices) -> uniform numbers (B, 5), cropped and flipped by augment() on the device."""
     if isinstance(images, Folder):
         loader = DataLoader(images, batch_size=batch, sampler=keys, num_workers=workers,
-                            pin_memory=device.type == "cuda", collate_fn=collate_or_message)
+                            pin_memory=device.type == "cuda", collate_fn=collate_or_message,
+                            worker_init_fn=quiet_worker)
         for item in loader:
             if isinstance(item, str):
                 raise SystemExit(f"error: {item}: remove or replace that file, then run again")
             yield to_model_input(item[0].to(device, non_blocking=True), size, mean, std)
         return
+    order = torch.tensor([i for _, i in keys], device=images.device)  # once: (n,), not per step
     for s in range(0, len(keys), batch):
-        idx = torch.tensor([i for _, i in keys[s:s + batch]], device=images.device)  # (B,)
+        idx = order[s:s + batch]                            # (B,)
         x = images[idx].to(device)                          # (B, C, h, w) uint8
         if draw is not None:
             x = augment(x, size, draw(idx), min_crop)       # (B, C, S, S) in [0, 1]
@@ -380,53 +433,98 @@ def lr_at(step, total, warmup, peak, final=1e-6):
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def train_step(net, model, opt, scaler, imgs, ids_keep, ids_mask, amp_dtype, clip):
-    """One optimizer step on one batch; returns the loss (a 0-dim tensor, not synchronised)."""
-    with torch.autocast(imgs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = net(imgs, ids_keep, ids_mask)
+def train_step(net, model, opt, scaler, imgs, ids_keep, ids_mask, amp_dtype, clip, micro):
+    """One optimizer step on one batch, in micro-batches of `micro` images whose gradients add up
+    (each image masks as many patches, so the mean of the micro-batch losses is the batch's);
+    DDP all-reduces once, after the last. Returns the loss (a 0-dim tensor, not synchronised)."""
     opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    parts, total = range(0, len(imgs), micro), 0
+    for i in parts:
+        no_sync = getattr(net, "no_sync", contextlib.nullcontext)  # DDP's; a plain model has none
+        with contextlib.nullcontext() if i == parts[-1] else no_sync():
+            with torch.autocast(imgs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = net(imgs[i:i + micro], ids_keep[i:i + micro], ids_mask[i:i + micro])
+            scaler.scale(loss / len(parts)).backward()
+        total = total + loss.detach() / len(parts)
     if clip > 0:
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     scaler.step(opt)
     scaler.update()
-    return loss.detach()
+    return total
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}  # --amp -> dtype
 
 
 def resolve_amp(amp, device):
-    """--amp auto -> bf16 on a GPU, none on a CPU; any other choice stays."""
-    return ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
+    """--amp auto -> bf16 on a GPU that has it (fp16 on older ones: V100, T4), none on a CPU."""
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return "none"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 # ---- 5. Checkpoints: written atomically, read by one function with one-line errors ---------------
 TRAINING_STATE = ("config", "model", "optimizer", "scaler", "rng", "step", "args")  # --resume
 
 
-def fail(what, path, e, step):
-    """The one line of a failed write: its cause, what is intact, how to go on."""
-    folder = os.path.dirname(path) or "."
-    cause = (os.strerror(e.errno) if getattr(e, "errno", None) else  # torch's own text, and:
-             f"{' '.join(str(e).split())[:120]}; {shutil.disk_usage(folder).free / 2**20:.1f} MiB "
-             f"free there")
-    kept = f"the checkpoint of step {step} is intact" if step else "no checkpoint was written"
-    return SystemExit(f"error: could not write {what} {path} ({cause}); {kept}: free space or fix "
+def fail(what, path, e, step=False):
+    """The one line of a failed write: its cause, what is intact (of a run: step is the step of
+    its checkpoint, None for none yet; False for a report), how to go on."""
+    folder = os.path.dirname(os.path.abspath(path))
+    cause = os.strerror(e.errno) if getattr(e, "errno", None) else " ".join(str(e).split())[:120]
+    if not getattr(e, "errno", None) and os.path.isdir(folder):  # torch's own text, and:
+        cause += f"; {shutil.disk_usage(folder).free / 2**20:.1f} MiB free there"
+    kept = "" if step is False else (f"; the checkpoint of step {step} is intact" if step else
+                                     "; no checkpoint was written")
+    return SystemExit(f"error: could not write {what} {path} ({cause}){kept}: free space or fix "
                       f"the folder {folder}, then run again{' with --resume' if step else ''}")
 
 
-def save_checkpoint(path, step_kept=None, **state):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file,
-    and a failed save (a full disk, no permission) removes its temporary file and stops."""
+def write_atomic(path, write, what, step=False):
+    """write(temporary file), then rename: a crash never leaves a half-written file, and a failed
+    write (a full disk, no permission) removes its temporary file and stops in one line."""
     try:
-        torch.save(state, path + ".tmp")
+        write(path + ".tmp")
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        raise fail("the checkpoint", path, e, step_kept) from None
+        raise fail(what, path, e, step) from None
+
+
+def save_checkpoint(path, step_kept=None, **state):
+    write_atomic(path, lambda tmp: torch.save(state, tmp), "the checkpoint", step_kept)
+
+
+def write_json(path, report):
+    """A report, written whole or not at all."""
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+    write_atomic(path, dump, "the report")
+
+
+def check_output(path, folder=False, reading=None):
+    """Before any work: one line for an output path that cannot be written, i.e. the checkpoint
+    being read, a folder where a file goes or the reverse, or a parent that is not a folder."""
+    where = os.path.abspath(path)
+    if reading and os.path.exists(where) and os.path.samefile(where, reading):
+        raise SystemExit(f"error: {path} is the checkpoint being read: writing there would "
+                         f"replace it; choose another path")
+    if os.path.exists(where) and os.path.isdir(where) != folder:
+        raise SystemExit(f"error: {path} is {'a file' if folder else 'a folder'}, not "
+                         f"{'a folder' if folder else 'a file'}: choose another path")
+    up = where if folder else os.path.dirname(where)
+    while folder and not os.path.exists(up):                # a folder's missing parents are made
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise SystemExit(f"error: cannot write {path}: {up} " + (
+            "is a file, not a folder: choose another path" if os.path.exists(up) else
+            "does not exist: create that folder or choose another path"))
+    return path
 
 
 def read_checkpoint(path, needs=("config", "model")):
@@ -503,18 +601,34 @@ def export_timm(model, ckpt, path):
           f"{S})))\nfine-tune it the authors' way: experiments/finetune.py (README, Fine-tuning)")
 
 
-def training_state(model, opt, scaler, gen, step, cfg, args):
-    """Everything --resume needs to continue bit for bit (the RNGs too)."""
+def training_state(model, opt, scaler, gen, step, cfg, args, data):
+    """Everything --resume needs to continue bit for bit (the RNGs too), and what it checks."""
     rng = {"torch": torch.get_rng_state(), "batch": gen.get_state()}
     if gen.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(gen.device)
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                step=step, rng=rng, config=asdict(cfg), args=vars(args))
+                step=step, rng=rng, config=asdict(cfg), args=vars(args), data=data)
+
+
+def check_same_data(saved, data, path):
+    """--resume on other data (a changed folder, another data set) would mix two runs: refused.
+    The same images at another path resume: the identity holds no path."""
+    what = {"images": f"{data['images']} images (saved {saved.get('images')})",
+            "classes": "other class names", "files": "other file names"}
+    differ = [what[k] for k in data if saved.get(k, data[k]) != data[k]]
+    if differ:
+        raise SystemExit(f"error: {path} was trained on other data than --data holds now "
+                         f"({', '.join(differ)}): resume on the run's own images, or start a "
+                         f"new --out")
 
 
 def restore_state(ckpt, path, model, opt, scaler, gen):
     """The inverse of training_state; one line for a file that does not fit the run."""
     try:
+        on = "cpu" if len(ckpt["rng"]["batch"]) == len(torch.Generator().get_state()) else "cuda"
+        if on != gen.device.type:                           # a generator's state is its device's
+            raise SystemExit(f"error: {path} was trained on {on}, and its random stream of masks "
+                             f"and crops continues only there: resume with --device {on}")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -569,26 +683,38 @@ def lock_folder(folder, rank, world, device):
     return held
 
 
-def start_log(path, step):
+def start_log(path, step, run):
     """A resumed run's log cut back to its checkpoint's step; a new run's log started empty (in
-    the folder lock_folder made)."""
+    the folder lock_folder made). A log of another run (its checkpoint replaced) is set aside."""
     kept = [r for r in read_log(path) if r["step"] <= step] if step is not None and \
         os.path.exists(path) else []
     if step is None and os.path.exists(path):
         print(f"note: {path} holds an earlier run that wrote no checkpoint: starting a new log")
     try:
+        if any(r.get("run") != run for r in kept):         # records carry their run's id
+            aside = os.path.join(os.path.dirname(path), f"log.{kept[0].get('run')}.jsonl")
+            os.replace(path, aside)
+            print(f"note: {path} is the log of another run than its checkpoint: moved it to "
+                  f"{aside}; starting a new log")
+            kept = []
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
     except OSError as e:
         raise fail("the log", path, e, step) from None
 
 
+def launcher(world):
+    """The command that starts `world` processes the way this one was started."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = f"--nnodes={world // local} " if world > local else ""
+    return f"torchrun {nodes}--nproc_per_node={local}" if world > 1 else "python"
+
+
 def next_steps(ckpt_path, world=1):
     """The last lines of a finished run: its checkpoint and the commands to run on it next."""
-    path = shlex.quote(ckpt_path)
-    launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+    path, launch = shlex.quote(ckpt_path), launcher(world)
     timm_file = shlex.quote(os.path.join(os.path.dirname(ckpt_path), "timm.pth"))
-    return (f"checkpoint: {ckpt_path}\nnext:\n  {launcher} probe.py {path}\n"
+    return (f"checkpoint: {ckpt_path}\nnext:\n  {launch} probe.py {path}\n"
             f"  python visualize.py {path}\n  python probe.py {path} --timm {timm_file}"
             f"   # the encoder for timm, to fine-tune")
 
@@ -596,13 +722,17 @@ def next_steps(ckpt_path, world=1):
 # ---- 6. Training ---------------------------------------------------------------------------------
 def train_batches(args, cfg, rank, world, device, gen):
     """(steps per epoch, batches(epoch, start)): this rank's normalised, augmented images
-    (B/world, 3, S, S) of an epoch from batch `start` on. Every rank draws the random numbers
-    of the whole global batch from the shared generator and keeps its rows, and
-    DistributedSampler deals global position W*j + r to row j of rank r: N processes = 1."""
+    (B/world, 3, S, S) of an epoch from batch `start` on; what identifies the data. Every rank
+    draws the random numbers of the whole global batch from the shared generator and keeps its
+    rows, and DistributedSampler deals global position W*j + r to row j of rank r: N = 1."""
     mean, std = MEAN_STD[args.dataset]
     local = args.batch_size // world
-    images, _, _ = load_split(args.dataset, args.data, "train", cfg.img_size, args.synthetic_size,
-                              True, args.min_crop, args.seed)
+    images, _, classes = load_split(args.dataset, args.data, "train", cfg.img_size,
+                                    args.synthetic_size, True, args.min_crop, args.seed)
+    data = {"images": len(images), "classes": list(classes)}  # paths relative to the root:
+    if isinstance(images, Folder):                          # a moved copy is the same data
+        files = "\n".join(os.path.relpath(f, images.folder.root) for f, _ in images.folder.samples)
+        data["files"] = hashlib.sha1(files.encode()).hexdigest()
     if isinstance(images, torch.Tensor):
         images = images.to(device)                          # (n, C, h, w) uint8, on the device
     sampler = DistributedSampler(range(len(images)), num_replicas=world, rank=rank, shuffle=True,
@@ -620,7 +750,7 @@ def train_batches(args, cfg, rank, world, device, gen):
         keys = [(epoch, i) for i in list(sampler)[start * local: steps * local]]
         return batches(images, keys, local, device, cfg.img_size, mean, std, args.workers, draw,
                        args.min_crop)
-    return steps, epoch_batches
+    return steps, epoch_batches, data
 
 
 def decide(step, total, args, loss_sum, loss_n, signals, saved_at, world):
@@ -642,6 +772,7 @@ def main(argv=None):
     # set-up: arguments, processes, the run (a new one, or the saved one on --resume)
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
+    check_output(args.out, folder=True)
     ckpt_path, log_path = (os.path.join(args.out, f) for f in ("checkpoint.pt", "log.jsonl"))
     ckpt = read_checkpoint(ckpt_path, TRAINING_STATE) if args.resume else None
     if ckpt is None and os.path.exists(ckpt_path):
@@ -655,10 +786,18 @@ def main(argv=None):
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the "
                          f"{world} processes")
+    local = args.batch_size // world
+    micro = args.micro_batch or local
+    if local % micro:
+        raise SystemExit(f"error: --micro-batch {micro} does not divide the {local} images of "
+                         f"each process's batch: pass a divisor of {local}")
+    args.run = getattr(args, "run", None) if ckpt else os.urandom(4).hex()  # names its log lines
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # masks and batch augmentation
     model = sm.SemanticMIM(cfg).to(device)
-    steps_per_epoch, epoch_batches = train_batches(args, cfg, rank, world, device, gen)
+    steps_per_epoch, epoch_batches, data = train_batches(args, cfg, rank, world, device, gen)
+    if ckpt:
+        check_same_data(ckpt.get("data", data), data, ckpt_path)
     total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     peak_lr = args.blr * args.batch_size / 256
     opt = make_optimizer(model, peak_lr, args.weight_decay)
@@ -672,7 +811,7 @@ def main(argv=None):
     net = torch.compile(net) if args.compile else net
     lock = lock_folder(args.out, rank, world, device)  # held until the process ends
     if rank == 0:
-        start_log(log_path, step if ckpt else None)
+        start_log(log_path, step if ckpt else None, args.run)
         name = "baseline" if cfg.baseline else "SemanticMIM"
         print(f"{'resuming' if ckpt else 'training'} {name} {asdict(cfg)} on {args.dataset}: "
               f"{world} process(es) on {device}, {steps_per_epoch} steps/epoch, {total} steps, "
@@ -681,13 +820,20 @@ def main(argv=None):
         if step >= total:
             print(f"nothing to do: the run in {args.out} is complete ({step}/{total} steps)")
     signals = []  # SIGTERM (a scheduler's pre-emption) or SIGINT (Ctrl-C): save, then exit
+    flags = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
 
     def on_signal(num, frame):
         if signals:                                         # the second one aborts at once
             raise KeyboardInterrupt
         signals.append(num)
-        print(f"signal {num}: saving a checkpoint at the next progress line (again to abort)",
-              flush=True)
+        say(f"signal {num}: saving a checkpoint after this step (again to abort)")
+
+    def signalled():  # after every step, every rank learns of any rank's signal: a CPU all-reduce
+        if world == 1:  # (Gloo, no GPU sync), so the save starts well before torchrun's SIGKILL
+            return bool(signals)
+        got = torch.tensor([float(bool(signals))])
+        dist.all_reduce(got, group=flags)
+        return got.item() > 0
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     loss_sum, loss_n, t0, step0 = torch.zeros((), device=device), 0, time.time(), step
     last_good, saved_at, stop = (step if ckpt else None), time.time(), step >= total
@@ -703,10 +849,10 @@ def main(argv=None):
                 keep, mask = sm.random_masking(args.batch_size, cfg.num_patches, cfg.num_masked,
                                                gen, device, cfg.independent_mask)
                 loss_sum += train_step(net, model, opt, scaler, imgs, keep[rank::world],
-                                       mask[rank::world], AMP_DTYPES[args.amp], args.clip)
+                                       mask[rank::world], AMP_DTYPES[args.amp], args.clip, micro)
                 step, loss_n = step + 1, loss_n + 1
                 if step % args.log_every and step % args.ckpt_every and step not in (
-                        total, args.stop_at):
+                        total, args.stop_at) and not signalled():
                     continue
                 # a progress line: one all-reduce decides for every rank; log, save, stop
                 mean_loss, save, stop = decide(step, total, args, loss_sum, loss_n, signals,
@@ -722,18 +868,17 @@ def main(argv=None):
                     try:
                         with open(log_path, "a") as f:
                             f.write(json.dumps({"step": step, "epoch": epoch, "loss": mean_loss,
-                                                "lr": lr, "img_per_s": ips, "time": time.time()})
-                                    + "\n")
+                                                "lr": lr, "img_per_s": ips, "time": time.time(),
+                                                "run": args.run}) + "\n")
                     except OSError as e:
                         raise fail("the log", log_path, e, last_good) from None
-                    print(f"epoch {epoch} step {step}/{total} loss {mean_loss:.4f} lr {lr:.3g} "
-                          f"{ips:.1f} img/s eta {(total - step) * dt / (step - step0) / 60:.1f} "
-                          f"min", flush=True)
+                    say(f"epoch {epoch} step {step}/{total} loss {mean_loss:.4f} lr {lr:.3g} "
+                        f"{ips:.1f} img/s eta {(total - step) * dt / (step - step0) / 60:.1f} min")
                 loss_sum.zero_()
                 loss_n, t0, step0 = 0, time.time(), step
                 if save and rank == 0:
                     save_checkpoint(ckpt_path, last_good, **training_state(
-                        model, opt, scaler, gen, step, cfg, args))
+                        model, opt, scaler, gen, step, cfg, args, data))
                 if save and world > 1:
                     dist.barrier()                          # no rank runs ahead of the file
                 last_good, saved_at = (step, time.time()) if save else (last_good, saved_at)
@@ -743,8 +888,8 @@ def main(argv=None):
         for s, h in handlers.items():
             signal.signal(s, h)
     if rank == 0:
-        print(f"stopped at step {step}; continue with --resume --out {args.out}" if step < total
-              else next_steps(ckpt_path, world), flush=True)
+        say(f"stopped at step {step}; continue with --resume --out {shlex.quote(args.out)}"
+            if step < total else next_steps(ckpt_path, world))
     if lock:
         lock.close()                                        # the folder is free again
     if world > 1:
@@ -754,4 +899,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,7 +12,6 @@ patch keys and NOT renormalised: the weight a query puts on the proxies is left 
 Figures; main saves them. Shapes: B images, N patches (h x w), P proxies, Q queries, Nm masked.
 """
 import argparse
-import json
 import math
 import os
 import shlex
@@ -524,8 +523,7 @@ def run_stats(args, argv, runs, ckpt):
             {"layer": i, **d} for i, d in enumerate(result, 1)])
             for (m, _, name), path, ref, result in zip(runs, paths, refs, results)])
     path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "attn_stats.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    train.write_json(path, report)
     print(f"wrote {path}")
     return figure_stats(results, [name for _, _, name in runs], refs, f"attention per main "
                         f"block, first {n} {dataset} test images (dashed: uniform attention)")
@@ -538,6 +536,8 @@ def main(argv=None):
         raise SystemExit(f"error: --compare takes one or two checkpoints, got {len(args.compare)}")
     if args.stats_images is not None and not args.stats:
         raise SystemExit("error: --stats-images needs --stats")
+    folder = os.path.dirname(os.path.abspath(args.checkpoint))
+    out = train.check_output(args.out or os.path.join(folder, "figures"), folder=True)
     model, ckpt = train.load_model(args.checkpoint)
     cfg = model.cfg
     what = set(args.what or ([] if args.stats else FIGURES[:None if args.compare else -1]))
@@ -558,7 +558,6 @@ def main(argv=None):
              for n, (m, _) in zip(names, runs)]
     runs = [(m, c, f"{n} {chr(65 + i)}" if names.count(n) > 1 else n)
             for i, (n, (m, c)) in enumerate(zip(names, runs))]
-    folder = os.path.dirname(os.path.abspath(args.checkpoint))
     log_path = args.log or os.path.join(folder, "log.jsonl")
     if args.log and not os.path.isfile(args.log):
         raise SystemExit(f"error: no training log at {args.log}: pass the run's log.jsonl, or "
@@ -567,7 +566,6 @@ def main(argv=None):
         raw = next(load_images(ckpt["args"], cfg.img_size, args.images, args.indices,
                                root=args.data)[1])          # (B, 3, S, S)
         imgs = normalise(raw, ckpt)                         # (B, 3, S, S)
-    out = args.out or os.path.join(folder, "figures")
     os.makedirs(out, exist_ok=True)
     figs = {"attn_stats.png": run_stats(args, argv, runs, ckpt)} if args.stats else {}
     if cfg.num_proxies == 0 and what & {"reduce_mean", "proxy"}:
@@ -591,10 +589,11 @@ def main(argv=None):
               else f"note: no training log at {log_path}: skipped the training curve")
     figs = dict(sorted(figs.items(), key=lambda f: f[0].startswith("compare")))  # compare last
     for name, fig in figs.items():                          # the one place figures are saved
-        fig.savefig(os.path.join(out, name), dpi=DPI)
+        train.write_atomic(os.path.join(out, name), lambda tmp, fig=fig: fig.savefig(
+            tmp, dpi=DPI, format="png"), "the figure")
     print(f"wrote {len(figs)} figure(s) to {out}:" + "".join(f"\n  {name}" for name in figs))
     return [os.path.join(out, name) for name in figs]
 
 
 if __name__ == "__main__":
-    main()
+    train.run_main(main)
