@@ -273,12 +273,12 @@ def main(argv=None):
     C = int(max(train_y.max(), test_y.max())) + 1           # classes
     gib = (len(train_y) + len(test_y)) * 3 * S * S * 4 / 2 ** 30  # the raw-pixel row, float32
     if gib > PIXELS_GIB and "pixels" in (args.rows or []):
-        raise SystemExit(f"error: --rows pixels would hold {gib:.0f} GiB of raw pixels on one "
+        raise SystemExit(f"error: --rows pixels would hold {gib:.3g} GiB of raw pixels on one "
                          f"device (at most {PIXELS_GIB}): leave out pixels for this data set")
     if args.rows is None:
         args.rows = list(ROWS)[:2 if gib > PIXELS_GIB else 3]
         if gib > PIXELS_GIB and rank == 0:
-            print(f"note: no raw-pixel row: it would hold {gib:.0f} GiB on one device", flush=True)
+            print(f"note: no raw-pixel row: it would hold {gib:.3g} GiB on one device", flush=True)
     nets = {"checkpoint": model}
     if "random" in args.rows:  # seeded as train.py seeds it: the checkpoint's own initialisation
         torch.manual_seed(ckpt.get("args", {}).get("seed", args.seed))

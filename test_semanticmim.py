@@ -5,10 +5,13 @@ import json
 import math
 import os
 import re
+import shlex
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import time
 import urllib.error
 import warnings
 from dataclasses import asdict
@@ -51,6 +54,16 @@ def torchrun(script, *args, nproc=2, timeout=300):
                            f"--nproc_per_node={nproc}", os.path.join(HERE, script),
                            *map(str, args)], capture_output=True, text=True, cwd=HERE, env=ENV,
                           timeout=timeout)
+
+def start(argv, until, launcher=(sys.executable,)):
+    """A real process in its own process group (as torchrun starts a rank), read until a line
+    holding `until`: (the process, that line)."""
+    p = subprocess.Popen([*launcher, os.path.join(HERE, argv[0]), *map(str, argv[1:])], cwd=HERE,
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    line = next((ln for ln in p.stdout if until in ln), None)
+    assert line, p.stderr.read()
+    return p, line
 
 def patch_forward(monkeypatch, change):
     """SemanticMIM.forward returns change(n, loss) for the loss of its n-th call (1-based)."""
@@ -421,6 +434,35 @@ def test_image_folder_training_cuts_workers_to_the_cpus_and_stops_at_an_unreadab
     r = run(*argv, "--resume")
     assert r.returncode == 0 and "step 4/4" in r.stdout, r.stderr
 
+def test_on_a_cluster_workers_share_the_node_launch_lines_name_nodes_and_old_gpus_get_fp16(
+        monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")             # torchrun's processes on this node
+    assert train.usable_workers(8) == 2 and capsys.readouterr().out == (
+        "note: --workers 8 is more than the 16 CPUs here shared by 8 processes: using 2\n")
+    assert train.launcher(32) == "torchrun --nnodes=4 --nproc_per_node=8"  # 4 nodes of 8
+    assert train.launcher(8) == "torchrun --nproc_per_node=8"
+    for native, amp in ((True, "bf16"), (False, "fp16")):  # an A100 or H100; a V100 or T4
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: native or including_emulation)
+        assert train.resolve_amp("auto", torch.device("cuda")) == amp
+
+def test_under_torchrun_rank_0_downloads_the_data_set_before_the_others_read_it(monkeypatch):
+    events = []
+
+    class Downloaded:                                       # torchvision's CIFAR10, offline
+        def __init__(self, root, train, download):
+            events.append("load")
+            self.data, self.targets, self.classes = torch.zeros(2, 4, 4, 3), [0, 1], ["a", "b"]
+    monkeypatch.setattr(train.torchvision.datasets, "CIFAR10", Downloaded)
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(train.dist, "barrier", lambda: events.append("barrier"))
+    for rank, order in ((0, ["load", "barrier"]), (1, ["barrier", "load"])):
+        monkeypatch.setattr(train.dist, "get_rank", lambda: rank)
+        events.clear(), train.load_split("cifar10", "data", "train", 32)
+        assert events == order
+
 def test_a_new_run_replaces_a_log_without_checkpoint_and_ends_naming_the_next_commands(
         tmp_path, capsys):
     out = tmp_path / "my run"
@@ -484,7 +526,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     args = TINY_RUN + ["--epochs", "2", "--blr", "0.05", "--clip", "0"]
     train.main(args + ["--out", str(tmp_path / "one")])
-    r = torchrun("train.py", *args, "--out", tmp_path / "two")
+    r = torchrun("train.py", *args, "--micro-batch", "4", "--out", tmp_path / "two")
     assert r.returncode == 0, r.stderr
     a, b = (weights_of(tmp_path / d / "checkpoint.pt") for d in ("one", "two"))
     torch.manual_seed(0)
@@ -584,6 +626,98 @@ def test_a_log_cut_short_by_a_kill_is_read_without_its_last_line_and_resumed(tmp
     with pytest.raises(SystemExit, match="line 2 is not JSON: repair or remove that line"):
         train.read_log(tmp_path / "log.jsonl")
 
+@pytest.mark.parametrize("launch", ["torchrun", "process group"])
+def test_sigterm_with_image_folder_workers_saves_after_that_step_and_resumes(launch, tmp_path):
+    """torchrun signals each rank's process group, a scheduler every process: the workers live
+    on, the run saves after the step (no progress line due before the end), --resume goes on."""
+    write_image_folder(tmp_path, "train", 32, lambda c, i: (100 * c + i, 90, 200))
+    argv = ["train.py", "--data", tmp_path, "--preset", "cifar", "--dim", "32", "--depth", "1",
+            "--heads", "2", "--batch-size", "16", "--workers", "2", "--epochs", "100",
+            "--log-every", "1000", "--ckpt-minutes", "0", "--out", tmp_path / "run"]
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2") if launch == "torchrun" else (sys.executable,)
+    p, _ = start(argv, "training SemanticMIM", launcher)
+    time.sleep(2)
+    (os.kill if launch == "torchrun" else os.killpg)(p.pid, signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    step = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < 400 and "exited unexpectedly" not in err, err
+    r = run(*argv, "--resume", "--stop-at", step + 1)
+    assert r.returncode == 0 and f"stopped at step {step + 1}" in r.stdout, r.stderr
+
+def test_ctrl_c_on_a_pipe_whose_reader_died_still_saves_without_a_traceback(tmp_path):
+    """`python train.py | tee x`: Ctrl-C ends tee too, and every print after it hits a broken
+    pipe; the run still saves after that step and exits 0."""
+    p, _ = start(["train.py", *TINY_RUN, "--epochs", "400", "--log-every", "1", "--out",
+                  tmp_path], "step 1/")
+    p.stdout.close()                                        # the reader is gone
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=60) == 0 and "Traceback" not in p.stderr.read()
+    assert 0 < torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] < 3200
+
+def test_resume_refuses_other_data_and_follows_the_same_images_to_another_path_bitwise(
+        tmp_path, capsys):
+    for name, ext in (("a", "png"), ("other", "bmp")):      # the same count and classes
+        write_image_folder(tmp_path / name, "train", 8, lambda c, i: (40 * c + i, 90, 200),
+                           ext=ext)
+    argv = ["--data", str(tmp_path / "a"), "--preset", "cifar", "--dim", "32", "--depth", "1",
+            "--heads", "2", "--batch-size", "8", "--workers", "0", "--epochs", "2", "--amp", "none"]
+    out = tmp_path / "it's run"                             # the hint is shell-quoted
+    train.main(argv + ["--out", str(tmp_path / "full")])
+    train.main(argv + ["--out", str(out), "--stop-at", "2"])
+    assert capsys.readouterr().out.splitlines()[-1] == (f"stopped at step 2; continue with "
+                                                        f"--resume --out {shlex.quote(str(out))}")
+    extra = tmp_path / "a" / "train" / "class0" / "x.png"
+    shutil.copy(tmp_path / "a" / "train" / "class0" / "0.png", extra)  # an image added since
+    for data, differ in (("a", "17 images (saved 16), other file names"),
+                         ("other", "other file names")):
+        with pytest.raises(SystemExit, match=re.escape(f"trained on other data than --data holds "
+                                                       f"now ({differ}): resume on the run's")):
+            train.main(["--resume", "--out", str(out), "--data", str(tmp_path / data)])
+    extra.unlink()
+    os.rename(tmp_path / "a", tmp_path / "moved")           # the same images elsewhere
+    train.main(["--resume", "--out", str(out), "--data", str(tmp_path / "moved")])
+    a, b = (weights_of(d / "checkpoint.pt") for d in (tmp_path / "full", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+def test_a_log_of_another_run_is_set_aside_not_continued(tmp_path, capsys):
+    """A folder whose checkpoint.pt was replaced by another run's: its log moves aside."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(TINY_RUN + ["--out", str(a)])
+    train.main(TINY_RUN + ["--dim", "64", "--stop-at", "4", "--out", str(b)])
+    shutil.copy(b / "checkpoint.pt", a / "checkpoint.pt")
+    runs_of = lambda d, f="log.jsonl": [(r["step"], r["run"]) for r in train.read_log(d / f)]
+    first, second = runs_of(a)[0][1], runs_of(b)[0][1]
+    train.main(["--resume", "--out", str(a)])
+    assert f"moved it to {a / f'log.{first}.jsonl'}; starting a new log" in capsys.readouterr().out
+    assert runs_of(a) == [(6, second), (8, second)] and len(runs_of(a, f"log.{first}.jsonl")) == 4
+
+def test_micro_batches_give_the_full_batch_run_and_may_change_on_resume(tmp_path):
+    args = TINY_RUN + ["--epochs", "2", "--blr", "0.05"]     # clipped: after accumulating
+    train.main(args + ["--out", str(tmp_path / "full")])
+    train.main(args + ["--micro-batch", "4", "--stop-at", "5", "--out", str(tmp_path / "micro")])
+    train.main(["--resume", "--micro-batch", "8", "--out", str(tmp_path / "micro")])
+    a, b = (weights_of(tmp_path / d / "checkpoint.pt") for d in ("full", "micro"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+def test_the_training_step_makes_no_device_tensor_from_python_values_and_reads_none_back(
+        tmp_path, monkeypatch):
+    """torch.tensor(..., device=) and .item()/.tolist() wait for a GPU: 8 and 16 steps with one
+    progress line make as many such calls (the per-run ones), so none is per step."""
+    calls, tensor = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: (
+        calls.append("device" in k), tensor(*a, **k))[1])
+    for name in ("item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, f=getattr(torch.Tensor, name): (
+            calls.append(True), f(self))[1])
+    counts = []
+    for n in (128, 256):
+        calls.clear(), train.on_device.cache_clear()
+        train.main(TINY_RUN + ["--synthetic-size", str(n), "--log-every", "100", "--out",
+                               str(tmp_path / str(n))])
+        counts.append(sum(calls))
+    assert counts[0] == counts[1] > 0, counts
+
 def test_one_run_per_folder_while_its_run_lives_and_free_once_it_dies(tmp_path):
     """A live lock holder stops a run and a torchrun in one line naming its PID; killed -9: free."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; l = train."
@@ -634,6 +768,14 @@ TRAIN_ERRORS = [([flag, v], FLAG.format(flag, v, rule)) for flag, v, rule in (
      "and the last step 8"),                                # the run is complete: it would not stop
     (["--resume", "--out", "{tmp}/weights"], "error: {tmp}/weights/checkpoint.pt is not a "
      "checkpoint written by train.py (no optimizer, scaler, rng, step, args)"),  # config, model
+    (["--resume", "--out", "{tmp}/cuda"], "error: {tmp}/cuda/checkpoint.pt was trained on cuda, "
+     "and its random stream of masks and crops continues only there: resume with --device cuda"),
+    (TINY_RUN + ["--micro-batch", "5"], "error: --micro-batch 5 does not divide the 16 images of "
+                                        "each process's batch: pass a divisor of 16"),
+    (["--out", "{tmp}/weights/checkpoint.pt"], "error: {tmp}/weights/checkpoint.pt is a file, not "
+                                               "a folder: choose another path"),
+    (["--out", "{tmp}/weights/checkpoint.pt/a"], "error: cannot write {tmp}/weights/checkpoint.pt/"
+     "a: {tmp}/weights/checkpoint.pt is a file, not a folder: choose another path"),
 ]
 
 @pytest.mark.parametrize("argv,message", TRAIN_ERRORS)
@@ -641,14 +783,18 @@ def test_every_bad_train_input_is_one_line_and_writes_nothing(argv, message, ckp
                                                               capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "weights").mkdir()
-    torch.save({k: v for k, v in torch.load(ckpt, weights_only=True).items()
-                if k in ("config", "model")}, tmp_path / "weights" / "checkpoint.pt")
+    (tmp_path / "cuda").mkdir()
+    saved = torch.load(ckpt, weights_only=True)
+    torch.save({k: v for k, v in saved.items() if k in ("config", "model")},
+               tmp_path / "weights" / "checkpoint.pt")
+    torch.save({**saved, "rng": {**saved["rng"], "batch": torch.zeros(16, dtype=torch.uint8)}},
+               tmp_path / "cuda" / "checkpoint.pt")               # a CUDA generator's state
     fill = lambda s: s.replace("{tmp}", str(tmp_path)).replace("{run}", os.path.dirname(ckpt))
     status, line = one_line(train.main, ["--out", str(tmp_path / "o")] + [fill(a) for a in argv],
                             capsys)
     assert status == (2 if "argument" in message else 1) and "\n" not in line
     assert line.startswith(fill(message)), line
-    assert sorted(os.listdir(tmp_path)) == ["empty", "weights"]
+    assert sorted(os.listdir(tmp_path)) == ["cuda", "empty", "weights"]
 
 def bad_checkpoints(good, root):
     """{kind: (path, the message's core)}: each unusable file as ROOT/KIND/checkpoint.pt."""
@@ -828,16 +974,17 @@ def test_two_gloo_processes_give_the_features_and_accuracies_of_one(ckpt, tmp_pa
     """Shards gathered in order, augmentation per image: 2 processes equal 1, --augmented too."""
     args = [ckpt, "--augmented", "--epochs", "3", "--batch-size", "24", "--pool", "proxy"]
     one, feats_one = probe.main(args + ["--out", str(tmp_path / "one.json")])
-    script = tmp_path / "run_probe.py"                      # rank 0 saves its features
-    script.write_text(f"import sys, torch\nsys.path.insert(0, {os.path.dirname(probe.__file__)!r})"
-                      f"\nimport probe\nreport, feats = probe.main(sys.argv[1:])\nif report:\n"
-                      f"    torch.save(feats, {str(tmp_path / 'f.pt')!r})\n")
+    script = tmp_path / "run_probe.py"                      # each rank saves its features
+    script.write_text(f"import os, sys, torch\nsys.path.insert(0, {os.path.dirname(probe.__file__)!r}"
+                      f")\nimport probe\nreport, feats = probe.main(sys.argv[1:])\ntorch.save("
+                      f"feats, {str(tmp_path)!r} + '/f' + os.environ['RANK'] + '.pt')\n")
     r = torchrun(script, *args, "--out", tmp_path / "two.json")  # a hang fails, not waits
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.load(open(tmp_path / "two.json"))
     assert two["processes"] == 2 and two["command"].startswith("torchrun --nproc_per_node=2")
     assert two["rows"] == one["rows"]
-    feats_two = torch.load(tmp_path / "f.pt")
+    feats_two, shard = (torch.load(tmp_path / f"f{r}.pt") for r in (0, 1))
+    assert {len(tr) for tr, _ in shard.values()} == {64}    # gathered to rank 0 alone
     for name, (tr, te) in feats_one.items():
         assert torch.allclose(tr, feats_two[name][0], atol=1e-5)
         assert torch.allclose(te, feats_two[name][1], atol=1e-5)
@@ -852,6 +999,24 @@ def test_image_folder_probe_reads_train_and_val(ckpt, tmp_path):
     assert report["rows"][2]["linear_top1"] == 1.0 and report["rows"][2]["knn_top1"] == 1.0
     name = "probe_patch_L2_imagefolder_aug.json"              # default name: data set differs
     assert os.path.isfile(os.path.join(os.path.dirname(ckpt), name))
+
+def test_the_raw_pixel_row_is_left_out_with_a_note_or_refused_above_its_memory_cap(
+        ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(probe, "PIXELS_GIB", 1e-3)          # 160 images x 3072 x 4 B: 1.8e-3
+    report, _ = probe.main([ckpt, "--epochs", "1", "--out", str(tmp_path / "p.json")])
+    assert [r["row"] for r in report["rows"]] == ["checkpoint", "random weights"]
+    assert "note: no raw-pixel row: it would hold 0.00183 GiB on one device" in \
+        capsys.readouterr().out
+    assert one_line(probe.main, [ckpt, "--rows", "pixels"], capsys) == (1, (
+        "error: --rows pixels would hold 0.00183 GiB of raw pixels on one device (at most 0.001):"
+        " leave out pixels for this data set"))
+
+def test_ctrl_c_stops_probe_py_in_one_line_and_writes_no_report(ckpt, tmp_path):
+    p, _ = start(["probe.py", ckpt, "--epochs", "100000", "--out", tmp_path / "r.json"],
+                 "checkpoint features, train: 128/128")
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=60) == 1 and p.stderr.read() == "stopped by Ctrl-C\n"
+    assert os.listdir(tmp_path) == []
 
 def test_more_workers_than_cpus_are_cut_with_a_note_and_no_pytorch_warning(
         ckpt, tmp_path, monkeypatch, capsys):
@@ -921,6 +1086,14 @@ PROBE_ERRORS = [  # argv with {ckpt}, {tmp}, {noproxy} filled in; the one line o
     (["{ckpt}", "--dataset", "imagefolder", "--data", "{tmp}/mixed"], "error: {tmp}/mixed/val "
      "has other classes than {tmp}/mixed/train (only in train: class1; only in val: class2): "
      "give both the same class folders"),  # labels are folder ranks: other folders mislabel
+    *[(["{ckpt}", flag, "{ckpt}"], "error: {ckpt} is the checkpoint being read: writing there "
+       "would replace it; choose another path") for flag in ("--out", "--timm")],
+    *[(["{ckpt}", flag, "{tmp}/no/f"], "error: cannot write {tmp}/no/f: {tmp}/no does not exist: "
+       "create that folder or choose another path") for flag in ("--out", "--timm")],
+    (["{ckpt}", "--out", "{tmp}/noproxy.pt/r.json"], "error: cannot write {tmp}/noproxy.pt/r.json"
+     ": {tmp}/noproxy.pt is a file, not a folder: choose another path"),
+    (["{ckpt}", "--timm", "{tmp}/train"], "error: {tmp}/train is a folder, not a file: choose "
+                                          "another path"),
 ]
 
 @pytest.mark.parametrize("argv,message", PROBE_ERRORS)
@@ -1014,7 +1187,9 @@ VIS_ERRORS = [  # argv ({sm}, {tmp} filled in; --out TMP/fig added), a regex of 
     (["{sm}", "--log", "{tmp}/none.jsonl"], "no training log at .*none.jsonl: pass the run's"),
     (["{sm}", "--compare", "{tmp}/o"], "compare .* 32 px images in 4 px patches and 24 px"),
     (["{sm}", "--stats-images", "5"], "--stats-images needs --stats$"),
-    (["{sm}", "--stats", "--compare", *["{sm}"] * 3], "--compare takes one or two .*, got 3$")]
+    (["{sm}", "--stats", "--compare", *["{sm}"] * 3], "--compare takes one or two .*, got 3$"),
+    (["{sm}", "--out", "{tmp}/bad.png"], "bad.png is a file, not a folder: choose another path$"),
+    (["{sm}", "--out", "{tmp}/bad.png/f"], "cannot write .*/f: .*bad.png is a file, not a folder")]
 
 @pytest.mark.parametrize("argv,message", VIS_ERRORS)
 def test_every_bad_visualize_input_is_one_line_naming_the_fix_and_writes_nothing(
@@ -1023,8 +1198,8 @@ def test_every_bad_visualize_input_is_one_line_naming_the_fix_and_writes_nothing
     torch.save({"config": asdict(cfg), "model": sm.SemanticMIM(cfg).state_dict()}, tmp_path / "o")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(SystemExit) as e:
-        visualize.main([a.format(sm=runs / "sm" / "checkpoint.pt", tmp=tmp_path) for a in argv]
-                       + ["--out", str(tmp_path / "fig")])
+        visualize.main(["--out", str(tmp_path / "fig")] + [
+            a.format(sm=runs / "sm" / "checkpoint.pt", tmp=tmp_path) for a in argv])
     line = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
     assert line.startswith("error: ") and "\n" not in line and re.search(message, line), line
     assert not (tmp_path / "fig").exists() and not (runs / "sm" / "figures").exists()

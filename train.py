@@ -826,7 +826,8 @@ def main(argv=None):
         if signals:                                         # the second one aborts at once
             raise KeyboardInterrupt
         signals.append(num)
-        say(f"signal {num}: saving a checkpoint after this step (again to abort)")
+        if rank == 0:
+            say(f"signal {num}: saving a checkpoint after this step (again to abort)")
 
     def signalled():  # after every step, every rank learns of any rank's signal: a CPU all-reduce
         if world == 1:  # (Gloo, no GPU sync), so the save starts well before torchrun's SIGKILL
