@@ -381,6 +381,21 @@ def test_image_files_of_every_format_decode_to_the_rgb_pixels_pil_sees(tmp_path)
     crop = train.folder_transform(32, True)(train.decode_image(str(tmp_path / "rgb.jpg")))
     assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
 
+def test_image_files_decode_to_the_same_pixels_with_pil_on_a_torchvision_without_decoders(
+        tmp_path, monkeypatch):
+    """torchvision 0.29 deprecates torchvision.io's decoders for TorchCodec; without them: PIL."""
+    rgb = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    files = {"rgb.jpg": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb[..., 0]),
+             "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),    # 16-bit: both bytes
+             "deep.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 256 + rgb[..., 1])}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+    expect = {name: train.decode_image(str(tmp_path / name)) for name in files}  # torchvision
+    assert torch.equal(expect["deep.png"], torch.from_numpy(rgb[..., 0]).expand(3, -1, -1))
+    monkeypatch.delattr(train.torchvision.io, "decode_image")
+    for name in files:
+        assert torch.equal(train.decode_image(str(tmp_path / name)), expect[name]), name
+
 def test_image_folder_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     write_image_folder(tmp_path, "train", 3, lambda c, i: (40 * c + i, 90, 200))
     Image.linear_gradient("L").convert("RGB").save(tmp_path / "train" / "class1" / "1.png")
