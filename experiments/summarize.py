@@ -225,12 +225,13 @@ def pages():
     def block(m):
         path = os.path.join(RESULTS, f"{m[2]}.json")
         if not os.path.isfile(path):
-            raise SystemExit(f"error: {m[0].splitlines()[0]} names no file {path}")
+            raise SystemExit(f"error: a marker names experiments/results/{m[2]}.json, which does "
+                             f"not exist: save it (summarize.py ROOT {m[2]} --save) or fix it")
         runs = load(path)["runs"]
         return f"{m[1]}\n{(tables if m[3] == 'all' else summary)(runs)}\n{m[4]}"
     out = {}
     for page in PAGES:
-        with open(page) as f:
+        with open(page, encoding="utf-8") as f:
             out[page] = MARKED.sub(block, f.read())
     return out
 
@@ -239,10 +240,10 @@ def write_pages():
     """Rewrite the marked tables; a results file that no page shows is named."""
     new = pages()
     for path, text in new.items():
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             same = f.read() == text
         if not same:
-            with open(path + ".tmp", "w") as f:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(path + ".tmp", path)
         print(f"{'unchanged' if same else 'wrote'} {os.path.relpath(path)}")
