@@ -394,6 +394,21 @@ def test_image_files_of_every_format_decode_to_the_rgb_pixels_pil_sees(tmp_path)
     crop = train.folder_transform(32, True)(train.decode_image(str(tmp_path / "rgb.jpg")))
     assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
 
+def test_image_files_decode_to_the_same_pixels_with_pil_on_a_torchvision_without_decoders(
+        tmp_path, monkeypatch):
+    """torchvision 0.29 deprecates torchvision.io's decoders for TorchCodec; without them: PIL."""
+    rgb = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    files = {"rgb.jpg": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb[..., 0]),
+             "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),    # 16-bit: both bytes
+             "deep.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 256 + rgb[..., 1])}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+    expect = {name: train.decode_image(str(tmp_path / name)) for name in files}  # torchvision
+    assert torch.equal(expect["deep.png"], torch.from_numpy(rgb[..., 0]).expand(3, -1, -1))
+    monkeypatch.delattr(train.torchvision.io, "decode_image")
+    for name in files:
+        assert torch.equal(train.decode_image(str(tmp_path / name)), expect[name]), name
+
 def test_image_folder_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     write_image_folder(tmp_path, "train", 3, lambda c, i: (40 * c + i, 90, 200))
     Image.linear_gradient("L").convert("RGB").save(tmp_path / "train" / "class1" / "1.png")
@@ -1461,8 +1476,43 @@ def test_no_tracked_file_refers_to_a_file_outside_the_repository():
         except (UnicodeDecodeError, IsADirectoryError, FileNotFoundError):
             continue                                        # figures; files being deleted
         text = re.sub(r"https?://\S+", "", text)            # links are not files
-        for m in re.finditer(r"\.\./|[\w./-]*\w\.(?:py|md|sh)\b", text):
+        for m in re.finditer(r"(?:\.\./)+[\w./-]*|[\w./-]*\w\.(?:py|md|sh)\b", text):
             ref = m.group(0)
-            if ref == ".." + "/" or not {ref, ref.lstrip("./")} & names and ref not in AUTHORS:
+            if ref.startswith(".."):                        # from a docs page up to README.md
+                ref = os.path.normpath(os.path.join(os.path.dirname(f), ref))
+            if ref.startswith("..") or not {ref, ref.lstrip("./")} & names and ref not in AUTHORS:
                 outside.append(f"{f}: {ref}")
     assert outside == []
+
+def test_every_link_of_the_readme_and_docs_reaches_a_file_and_its_heading():
+    """The README sends a reader to docs/*.md by links: each target exists, each #anchor is a
+    heading there (GitHub's anchor: lower case, punctuation dropped, spaces to hyphens)."""
+    pages = ["README.md"] + [f"docs/{f}" for f in os.listdir(os.path.join(HERE, "docs"))
+                             if f.endswith(".md")]
+    broken = []
+    for page in pages:
+        text = open(os.path.join(HERE, page), encoding="utf-8").read()
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([\w-]+))?\)", text):
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target)) if target else page
+            if target.startswith("http"):
+                continue
+            if not os.path.exists(os.path.join(HERE, path)):
+                broken.append(f"{page}: {target}")
+            elif anchor and anchor not in [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(
+                    " ", "-") for h in re.findall(r"^#+ (.*)$", open(os.path.join(HERE, path),
+                                                                      encoding="utf-8").read(), re.M)]:
+                broken.append(f"{page}: {target}#{anchor}")
+    assert len(pages) > 4 and broken == []
+
+def test_results_tables_in_the_pages_are_what_summarize_writes_from_the_results_files():
+    """No results table is typed: README.md's and docs/results.md's are experiments/summarize.py's
+    rendering of the committed experiments/results/*.json (`summarize.py --pages` rewrites them)."""
+    import summarize                                        # experiments/summarize.py
+    pages = summarize.pages()
+    for path, text in pages.items():
+        assert open(path, encoding="utf-8").read() == text, f"run summarize.py --pages: {path}"
+    shown = [m.group(2, 3) for text in pages.values() for m in summarize.MARKED.finditer(text)]
+    results = [f[:-5] for f in os.listdir(summarize.RESULTS) if f.endswith(".json")]
+    assert sorted(name for name, kind in shown if kind == "all") == sorted(results)
+    long8 = summarize.load(os.path.join(summarize.RESULTS, "long8.json"))["runs"]
+    assert summarize.summary(long8) in pages[summarize.PAGES[0]]      # the README's one table

@@ -241,12 +241,16 @@ def synthetic_images(n, size, seed, num_classes=10):
 
 def decode_image(path):
     """An image file -> uint8 RGB (3, h, w): torchvision.io for JPEG (grayscale and CMYK too),
-    PNG (16-bit, RGBA), GIF and WebP; PIL for what it cannot decode (BMP, TIFF, ...)."""
+    PNG (16-bit, RGBA), GIF and WebP; PIL for what it cannot decode (BMP, TIFF, ...) and for all
+    of them on a torchvision without decoders (0.29 deprecates them in favour of TorchCodec)."""
     try:
         img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
-    except RuntimeError:
+    except (RuntimeError, AttributeError):                  # AttributeError: no decode_image
+        import numpy as np
         from PIL import Image                               # torchvision's own dependency
         with Image.open(path) as im:
+            if im.mode.startswith("I;16"):  # 16-bit grey, which convert("RGB") clips at 255
+                return torch.from_numpy((np.array(im) >> 8).astype(np.uint8)).repeat(3, 1, 1)
             img = v2.functional.pil_to_tensor(im.convert("RGB"))
     return v2.functional.to_dtype(img, torch.uint8, scale=True)  # a 16-bit PNG is uint16
 

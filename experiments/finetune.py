@@ -6,7 +6,7 @@ norms, biases, tokens, positions), layer-wise lr decay 0.65, a fifth of the epoc
 (2 ops, magnitude 9, std 0.5), ColorJitter 0.4, RandomErasing 0.25; Mixup 0.8 or CutMix 1.0 per
 batch, label smoothing 0.1; head trunc-normal std 2e-5; the feature is fc_norm of the patch mean.
 The model is the file `probe.py --timm` writes, loaded as its printed line says; the data is the
-checkpoint's data set through torchvision. ImageNet on GPUs: timm's own train.py (README).
+checkpoint's data set through torchvision. ImageNet on GPUs: timm's own train.py (docs/finetune.md).
 
     python experiments/finetune.py runs/x/checkpoint.pt --epochs 2    # Fashion-MNIST, a CPU
     python experiments/finetune.py runs/x/checkpoint.pt --random      # the same ViT, timm's init

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The README's Fashion-MNIST experiment, offline on a 2-core CPU: three models on the same data,
-# schedule and budget, two seeds each, then probes, attention statistics and figures.
+# The 2-epoch Fashion-MNIST experiment of docs/results.md, offline on a 2-core CPU: three models
+# on the same data, schedule and budget, two seeds each, then probes, attention statistics and
+# figures.
 #   semantic  SemanticMIM, P 8, mask ratio 0.8 (the authors' configs/maskfeat/maskfeat_bottleneck_pretrain.py)
 #   baseline  the one-switch baseline: --baseline, same P and ratio
 #   maskfeat  the authors' MaskFeat baseline settings: --baseline --num-proxies 1 --mask-ratio 0.4
 #             (configs/maskfeat/maskfeat_baseline_pretrain.py; its one proxy is their [CLS])
 # Runs go two at a time, one thread each. A finished run is skipped (train.py --resume says
 # "nothing to do"), an interrupted one continues exactly.
-# Needs data/FashionMNIST/raw/ (see README). Writes runs/ and docs/figures/.
+# Needs data/FashionMNIST/raw/ (see README). Writes runs/, docs/figures/, experiments/results/
+# fmnist.json and the tables of the pages (summarize.py --save).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -63,4 +65,4 @@ for s in 0 1 2 3; do train "runs/default_s$s" --dataset fashion_mnist --data "$D
   python probe.py "runs/default_s$s/checkpoint.pt" --rows checkpoint random > "runs/probe_default_s$s.txt"
 done
 
-python experiments/summarize.py | tee runs/summary.txt
+python experiments/summarize.py runs fmnist --save | tee runs/summary.txt

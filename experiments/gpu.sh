@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU measurement, one prepared script for one GPU (about 5-8 minutes on an H100):
+# docs/speed.md's GPU measurement, one prepared script for one GPU (about 5-8 minutes on an H100):
 #   1. experiments/bench.py: the ViT-B/16 224 preset in bf16, eager and with torch.compile:
 #      SemanticMIM, its baseline and a plain ViT of the same tokens; images/s, FLOP/s as a
 #      fraction of the bf16 matmul peak measured in the same run, peak memory.

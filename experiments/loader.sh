@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Does the loader keep up? The README's loader measurement, offline, from Fashion-MNIST:
+# Does the loader keep up? The loader measurement of docs/speed.md, offline, from Fashion-MNIST:
 #   1. in memory (one uint8 tensor, batches augmented on the device), the `cifar` preset;
 #   2. an image folder of 32 px PNGs (CIFAR-sized files), the `cifar` preset, 2 workers;
 #   3. an image folder of 500x375 JPEGs (ImageNet's typical size, quality 90), the `vit_b16`
@@ -28,7 +28,7 @@ for out, n, size, ext in (("runs/folder_png32", 2560, (32, 32), "png"),
         rgb.resize(size, Image.BICUBIC).save(os.path.join(d, f"{i}.{ext}"), quality=90)
     print(f"wrote {n} images of {size[0]}x{size[1]} to {out}")
 EOF
-WIDE=(--dim 192 --depth 6 --heads 3)   # the README's rows: the cifar preset of that time
+WIDE=(--dim 192 --depth 6 --heads 3)   # docs/speed.md's rows: the cifar preset of that time
 python experiments/bench.py "${WIDE[@]}" --amp none --batch-size 128 --dataset fashion_mnist \
   --data "$DATA" \
   | tee runs/loader_memory.txt

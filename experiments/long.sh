@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The README's three Fashion-MNIST models (see fmnist.sh) at a longer schedule, with a per-epoch
-# trend: each run is trained one epoch per train.py call (--stop-at, then --resume) and keeps a
-# copy ep<E>.pt of every epoch's last checkpoint. Then each run is fine-tuned (experiments/
+# The three Fashion-MNIST models of docs/results.md (see fmnist.sh) at a longer schedule, with a
+# per-epoch trend: each run is trained one epoch per train.py call (--stop-at, then --resume) and
+# keeps a copy ep<E>.pt of every epoch's last checkpoint. Then each run is fine-tuned (experiments/
 # finetune.py; SemanticMIM's run also fine-tunes the same ViT from random init), experiments/
 # trend.py probes the copies (kNN), and probe.py (every block) and visualize.py --stats take the
 # final checkpoint. Last, summarize.py keeps every run's figures in experiments/results/ (in git:
-# run folders die with their machine) and prints the tables; trend.py draws the figure.
+# run folders die with their machine), rewrites the tables of the pages and prints them; trend.py
+# draws the figure.
 #   EPOCHS=8 bash experiments/long.sh semantic:0 baseline:0 maskfeat:0   # runs/long8_NAME_sSEED
 # Each NAME:SEED runs in its own process with one thread, all at once. Rerun to continue: a
 # finished epoch is skipped, an interrupted one continues exactly.

@@ -1,8 +1,9 @@
-"""The README's Fashion-MNIST tables (markdown, on stdout) from the runs of experiments/fmnist.sh
-or experiments/long.sh:
+"""The results tables (markdown) from the runs of experiments/fmnist.sh or experiments/long.sh,
+and the pages that show them:
 
     python experiments/summarize.py                       # fmnist.sh's runs/fmnist_<model>[_s1]
     python experiments/summarize.py runs long8 --save     # long.sh's runs/long8_<model>_s<seed>
+    python experiments/summarize.py --pages               # the pages, from experiments/results/
 
 Each run becomes a record of its figures: from its log.jsonl the final loss and training time,
 from probe_patch-proxy_Lall.json linear and kNN top-1 of the patch and proxy means at every block
@@ -11,14 +12,21 @@ from probe_patch-proxy_Lall.json linear and kNN top-1 of the patch and proxy mea
 A run's folder dies with the machine that ran it (checkpoints stay out of git); its record need
 not: --save merges the records into experiments/results/<prefix>.json, which is kept in git, and a
 run missing under ROOT is read from there. Prints the mean of the seeds and each seed; a run in
-neither place is a "-"."""
+neither place is a "-".
+
+No table in README.md or docs/results.md is typed: each stands between `<!-- results NAME all -->`
+(every table) or `<!-- results NAME summary -->` (the README's one) and `<!-- end of results -->`,
+and --pages, or --save after writing its file, writes it from experiments/results/NAME.json. The
+prose around the tables is written by hand."""
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 import train  # noqa: E402  (its read_log)
 
 MODELS = {"semantic": "SemanticMIM (P 8, mask 0.8)",
@@ -26,7 +34,8 @@ MODELS = {"semantic": "SemanticMIM (P 8, mask 0.8)",
           "maskfeat": "authors' MaskFeat settings (`--baseline`, P 1, mask 0.4)"}
 SEEDS = (0, 1)
 STATS = ("proxy_share", "distance", "query_js", "fg_consistency", "bg_consistency", "proxy_js")
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(REPO, "experiments", "results")
+PAGES = [os.path.join(REPO, "README.md"), os.path.join(REPO, "docs", "results.md")]
 
 
 def run_dir(root, model, seed, prefix="fmnist"):
@@ -96,7 +105,9 @@ def cell(values, fmt="{:.2f}"):
         "-" if v is None else fmt.format(v) for v in values) + ")"
 
 
-def main(root="runs", prefix="fmnist", save=False):
+def collect(root="runs", prefix="fmnist", save=False):
+    """{<model>_s<seed>: record} of the runs under root, else of the results file; --save keeps
+    them in experiments/results/<prefix>.json."""
     saved_path = os.path.join(RESULTS, f"{prefix}.json")
     saved = (load(saved_path) or {"runs": {}})["runs"]
     stats = attention(root)
@@ -111,66 +122,147 @@ def main(root="runs", prefix="fmnist", save=False):
             json.dump({"runs": {k: v for k, v in runs.items() if v}}, f, indent=1)
         os.replace(saved_path + ".tmp", saved_path)
         print(f"wrote {os.path.relpath(saved_path)}")
+    return runs
 
-    def get(m, key, i=None):  # the seeds' values of one figure; None where a run lacks it
-        recs = [runs[f"{m}_s{s}"] for s in SEEDS]
-        return [None if r is None or r.get(key) is None else r[key] if i is None else r[key][i]
-                for r in recs]
 
-    depth = next(r["depth"] for r in runs.values() if r)
-    print("| model | linear, patch mean | kNN, patch mean | linear, proxy mean | kNN, proxy mean "
-          "| final loss | training min/run |\n|---|---|---|---|---|---|---|")
+def get(runs, m, key, i=None):
+    """The seeds' values of one figure of model m; None where a run lacks it."""
+    recs = [runs.get(f"{m}_s{s}") for s in SEEDS]
+    return [None if r is None or r.get(key) is None else r[key] if i is None else r[key][i]
+            for r in recs]
+
+
+def summary(runs):
+    """The README's one table: the last block's four readouts, fine-tuning, the raw pixels."""
+    fine = any(r and r.get("finetune") for r in runs.values())
+    head = ["model", "linear, patch mean", "kNN, patch mean", "linear, proxy mean",
+            "kNN, proxy mean"] + ["fine-tuned"] * fine
+    out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+
+    def row(name, cells):
+        out.append("| " + " | ".join([name] + cells) + " |")
     for m, name in MODELS.items():
-        print(f"| {name} | " + " | ".join(cell(get(m, f"{kind}_{pool}", -1)) for pool in (
-            "patch", "proxy") for kind in ("linear", "knn"))
-              + f" | {cell(get(m, 'loss'), '{:.4f}')} | {cell(get(m, 'minutes'), '{:.1f}')} |")
-    pixels = next((p for p in get("semantic", "pixels") if p), None)
+        row(name, [cell(get(runs, m, f"{kind}_{pool}", -1)) for pool in ("patch", "proxy")
+                   for kind in ("linear", "knn")]
+            + [cell([c and c[-1] for c in get(runs, m, "finetune")])] * fine)
+    if fine:
+        row("the same ViT, timm's random init", [""] * 4 + [
+            cell([c and c[-1] for c in get(runs, "semantic", "finetune_random")])])
+    pixels = next((p for p in get(runs, "semantic", "pixels") if p), None)
     if pixels:
-        print(f"| raw pixels ({pixels['dims']} dims) | {pixels['linear']:.2f} | "
-              f"{pixels['knn']:.2f} | | | | |")
+        row(f"raw pixels ({pixels['dims']} dims)",
+            [f"{pixels['linear']:.2f}", f"{pixels['knn']:.2f}"] + [""] * (2 + fine))
+    return "\n".join(out) + "\n"
+
+
+def tables(runs):
+    """Every table of one results file (markdown): the seeds' mean, then each seed."""
+    out = []
+    emit = out.append
+    depth = next(r["depth"] for r in runs.values() if r)
+    emit("| model | linear, patch mean | kNN, patch mean | linear, proxy mean | kNN, proxy mean "
+         "| final loss | training min/run |\n|---|---|---|---|---|---|---|")
+    for m, name in MODELS.items():
+        emit(f"| {name} | " + " | ".join(cell(get(runs, m, f"{kind}_{pool}", -1)) for pool in (
+            "patch", "proxy") for kind in ("linear", "knn"))
+             + f" | {cell(get(runs, m, 'loss'), '{:.4f}')} | "
+             f"{cell(get(runs, m, 'minutes'), '{:.1f}')} |")
+    pixels = next((p for p in get(runs, "semantic", "pixels") if p), None)
+    if pixels:
+        emit(f"| raw pixels ({pixels['dims']} dims) | {pixels['linear']:.2f} | "
+             f"{pixels['knn']:.2f} | | | | |")
 
     for kind in ("knn", "linear"):
-        print(f"\n{kind} top-1 of the patch mean per block, mean (seed 0, seed 1)\n\n| model | "
-              + " | ".join(f"block {i}" for i in range(1, depth + 1)) + " |\n|---|"
-              + "---|" * depth)
+        emit(f"\n{kind} top-1 of the patch mean per block, mean (seed 0, seed 1)\n\n| model | "
+             + " | ".join(f"block {i}" for i in range(1, depth + 1)) + " |\n|---|"
+             + "---|" * depth)
         for m, name in MODELS.items():
-            print(f"| {name} | " + " | ".join(cell(get(m, f"{kind}_patch", i))
-                                              for i in range(depth)) + " |")
+            emit(f"| {name} | " + " | ".join(cell(get(runs, m, f"{kind}_patch", i))
+                                             for i in range(depth)) + " |")
 
-    if any(r and r["finetune"] for r in runs.values()):
-        print("\nfine-tuned top-1 (experiments/finetune.py), mean (seed 0, seed 1)\n\n| model | "
-              "after epoch 1 | test top-1 | epochs |\n|---|---|---|---|")
+    if any(r and r.get("finetune") for r in runs.values()):
+        emit("\nfine-tuned top-1 (experiments/finetune.py), mean (seed 0, seed 1)\n\n| model | "
+             "after epoch 1 | test top-1 | epochs |\n|---|---|---|---|")
         for m, key, name in [(m, "finetune", n) for m, n in MODELS.items()] + [
                 ("semantic", "finetune_random", "the same ViT, timm's random init")]:
-            curves = get(m, key)
-            print(f"| {name} | {cell([c and c[0] for c in curves])} | "
-                  f"{cell([c and c[-1] for c in curves])} | "
-                  f"{next((len(c) for c in curves if c), '-')} |")
+            curves = get(runs, m, key)
+            emit(f"| {name} | {cell([c and c[0] for c in curves])} | "
+                 f"{cell([c and c[-1] for c in curves])} | "
+                 f"{next((len(c) for c in curves if c), '-')} |")
 
-    if any(r and r["trend"] for r in runs.values()):
-        epochs = len(next(r["trend"] for r in runs.values() if r and r["trend"]))
-        print("\nkNN top-1 per epoch (last block, 10,000 training images), patch / proxy mean, "
-              "seed 0; seed 1\n\n| model | " + " | ".join(
-                  f"epoch {e}" for e in range(1, epochs + 1)) + " |\n|---|" + "---|" * epochs)
+    if any(r and r.get("trend") for r in runs.values()):
+        epochs = len(next(r["trend"] for r in runs.values() if r and r.get("trend")))
+        emit("\nkNN top-1 per epoch (last block, 10,000 training images), patch / proxy mean, "
+             "seed 0; seed 1\n\n| model | " + " | ".join(
+                 f"epoch {e}" for e in range(1, epochs + 1)) + " |\n|---|" + "---|" * epochs)
         for m, name in MODELS.items():
-            per_seed = [t or [] for t in get(m, "trend")]
-            print(f"| {name.split(' (')[0]} | " + " | ".join("; ".join(
+            per_seed = [t or [] for t in get(runs, m, "trend")]
+            emit(f"| {name.split(' (')[0]} | " + " | ".join("; ".join(
                 f"{t[i][1]:.1f}/{t[i][2]:.1f}" if i < len(t) else "-" for t in per_seed)
                 for i in range(epochs)) + " |")
 
-    print("\nattention statistics per block, mean (seed 0, seed 1)\n\n| model | block | "
-          + " | ".join(STATS) + " |\n|---|---|" + "---|" * len(STATS))
+    emit("\nattention statistics per block, mean (seed 0, seed 1)\n\n| model | block | "
+         + " | ".join(STATS) + " |\n|---|---|" + "---|" * len(STATS))
     for m, name in MODELS.items():
         for layer in range(depth):
-            print(f"| {name.split(' (')[0]} | {layer + 1} | " + " | ".join(cell(
+            emit(f"| {name.split(' (')[0]} | {layer + 1} | " + " | ".join(cell(
                 [None if a is None or a[layer][st] is None else a[layer][st]
-                 for a in get(m, "attention")], "{:.3f}") for st in STATS) + " |")
+                 for a in get(runs, m, "attention")], "{:.3f}") for st in STATS) + " |")
     uniform = {u["num_proxies"]: u for r in runs.values() if r and (u := r["uniform"])}
     for P, u in sorted(uniform.items()):
-        print(f"| uniform attention, P {P} | any | " + " | ".join(
+        emit(f"| uniform attention, P {P} | any | " + " | ".join(
             "-" if u[st] is None else f"{u[st]:.3f}" for st in STATS) + " |")
-    print("\ncommand: python " + " ".join(sys.argv))
+    return "\n".join(out) + "\n"
+
+
+MARKED = re.compile(r"(<!-- results (\w+) (all|summary)\b.*?-->\n).*?(<!-- end of results -->)",
+                    re.S)
+
+
+def pages():
+    """{path: text} of README.md and docs/results.md with every marked block written anew from
+    its results file: `<!-- results NAME all|summary ... -->` ... `<!-- end of results -->`."""
+    def block(m):
+        path = os.path.join(RESULTS, f"{m[2]}.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: a marker names experiments/results/{m[2]}.json, which does "
+                             f"not exist: save it (summarize.py ROOT {m[2]} --save) or fix it")
+        runs = load(path)["runs"]
+        return f"{m[1]}\n{(tables if m[3] == 'all' else summary)(runs)}\n{m[4]}"
+    out = {}
+    for page in PAGES:
+        with open(page, encoding="utf-8") as f:
+            out[page] = MARKED.sub(block, f.read())
+    return out
+
+
+def write_pages():
+    """Rewrite the marked tables; a results file that no page shows is named."""
+    new = pages()
+    for path, text in new.items():
+        with open(path, encoding="utf-8") as f:
+            same = f.read() == text
+        if not same:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
+        print(f"{'unchanged' if same else 'wrote'} {os.path.relpath(path)}")
+    shown = {m[2] for text in new.values() for m in MARKED.finditer(text)}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
+        if os.path.basename(path)[:-5] not in shown:
+            print(f"note: no page shows {os.path.relpath(path)}: add its marked block to "
+                  f"docs/results.md")
+
+
+def main(argv):
+    if "--pages" in argv:
+        return write_pages()
+    args = [a for a in argv if a != "--save"]
+    runs = collect(*args, save="--save" in argv)
+    if "--save" in argv:
+        write_pages()
+    print(tables(runs) + "\ncommand: python " + " ".join(sys.argv))
 
 
 if __name__ == "__main__":
-    main(*[a for a in sys.argv[1:] if a != "--save"], save="--save" in sys.argv)
+    main(sys.argv[1:])
