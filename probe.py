@@ -158,6 +158,40 @@ def knn_predict(train_f, train_y, test_f, num_classes, k=20, temperature=0.07, c
     return torch.cat(preds)                                 # (m,)
 
 
+# ---- The encoder for timm: fine-tuning is done there ----------------------------------------
+def timm_kwargs(cfg):
+    """timm VisionTransformer's arguments for the main stack: [PROXY] = register tokens with own
+    position entries; 'avg' pool + fc_norm = the LayerNorm'd patch mean (the authors' ln2)."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.dim,
+                depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
+                class_token=False, reg_tokens=cfg.num_proxies, no_embed_class=False,
+                global_pool="avg", fc_norm=True)
+
+
+def export_timm(model, ckpt, path):
+    """The encoder for fine-tuning (--timm): the main stack under timm's names, a file
+    timm's VisionTransformer(**timm_kwargs, num_classes=0) loads strictly; print how to load it.
+    The patch Linear (D, p*p*3), in patchify's order, becomes the Conv2d (D, 3, p, p). Left out,
+    pre-training only: [MASK] (its key makes timm read a DINOv2 file), mask stack, norm, head."""
+    sd, p, D, S = model.state_dict(), model.cfg.patch_size, model.cfg.dim, model.cfg.img_size
+    out = {"patch_embed.proj.weight": sd["patch_embed.weight"].reshape(D, p, p, 3)
+           .permute(0, 3, 1, 2).contiguous(),              # (D, 3, p, p)
+           "patch_embed.proj.bias": sd["patch_embed.bias"], "pos_embed": sd["pos_embed"],
+           **({"reg_token": sd["proxy"]} if model.cfg.num_proxies else {}),
+           **{k.replace("mlp.0.", "mlp.fc1.").replace("mlp.2.", "mlp.fc2."): v
+              for k, v in sd.items() if k.startswith("blocks.")},
+           "fc_norm.weight": torch.ones(D), "fc_norm.bias": torch.zeros(D)}  # the probe's LN
+    train.save_checkpoint(path, **out)
+    dataset = ckpt.get("args", {}).get("dataset", "imagefolder")
+    kw = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(model.cfg).items())
+    print(f"wrote {path}, the encoder of step {ckpt.get('step')} for timm; with a new head:\n"
+          f"  model = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes="
+          f"{ {'cifar100': 100, 'imagefolder': 1000}.get(dataset, 10)}, drop_path_rate=0.1, {kw}"
+          f", pretrained_cfg_overlay=dict(file={path!r}, num_classes=0, mean="
+          f"{train.MEAN_STD[dataset][0]}, std={train.MEAN_STD[dataset][1]}, input_size=(3, {S}, "
+          f"{S})))\nfine-tune it the authors' way: experiments/finetune.py (docs/finetune.md)")
+
+
 # ---- Arguments and the run ----------------------------------------------------------------------
 def layer_arg(text):
     """--layer values: a block number or 'all' (checked against the checkpoint in load)."""
@@ -264,7 +298,7 @@ def main(argv=None):
     args, t0 = build_parser().parse_args(argv), time.time()
     model, ckpt = load(args)
     if args.timm:  # one file, written by rank 0 alone under torchrun
-        return train.export_timm(model, ckpt, args.timm) if os.environ.get("RANK", "0") == "0" \
+        return export_timm(model, ckpt, args.timm) if os.environ.get("RANK", "0") == "0" \
             else None, {}
     rank, world, device = train.setup_distributed(args.device)
     amp, S = torch.bfloat16 if args.amp == "bf16" else None, model.cfg.img_size

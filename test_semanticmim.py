@@ -727,7 +727,7 @@ def test_the_training_step_makes_no_device_tensor_from_python_values_and_reads_n
             calls.append(True), f(self))[1])
     counts = []
     for n in (128, 256):
-        calls.clear(), train.on_device.cache_clear()
+        calls.clear()
         train.main(TINY_RUN + ["--synthetic-size", str(n), "--log-every", "100", "--out",
                                str(tmp_path / str(n))])
         counts.append(sum(calls))
@@ -787,10 +787,10 @@ TRAIN_ERRORS = [([flag, v], FLAG.format(flag, v, rule)) for flag, v, rule in (
      "and its random stream of masks and crops continues only there: resume with --device cuda"),
     (TINY_RUN + ["--micro-batch", "5"], "error: --micro-batch 5 does not divide the 16 images of "
                                         "each process's batch: pass a divisor of 16"),
-    (["--out", "{tmp}/weights/checkpoint.pt"], "error: {tmp}/weights/checkpoint.pt is a file, not "
-                                               "a folder: choose another path"),
-    (["--out", "{tmp}/weights/checkpoint.pt/a"], "error: cannot write {tmp}/weights/checkpoint.pt/"
-     "a: {tmp}/weights/checkpoint.pt is a file, not a folder: choose another path"),
+    (["--out", "{tmp}/weights/checkpoint.pt"], "error: {tmp}/weights/checkpoint.pt is not a "
+                                               "folder: choose another path"),
+    (["--out", "{tmp}/weights/checkpoint.pt/a"], "error: {tmp}/weights/checkpoint.pt/a cannot be "
+     "written: {tmp}/weights/checkpoint.pt is a file: choose another path"),
 ]
 
 @pytest.mark.parametrize("argv,message", TRAIN_ERRORS)
@@ -1061,7 +1061,7 @@ def test_timm_export_loads_strictly_and_timm_computes_our_features_block_by_bloc
     ours, _ = train.load_model(str(path))
     file = tmp_path / "timm.pth"
     probe.main([str(path), "--timm", str(file)])
-    headless = timm.models.VisionTransformer(**train.timm_kwargs(ours.cfg), num_classes=0)
+    headless = timm.models.VisionTransformer(**probe.timm_kwargs(ours.cfg), num_classes=0)
     headless.load_state_dict(torch.load(file, weights_only=True), strict=True)
     line = next(s for s in capsys.readouterr().out.splitlines() if "timm.create_model" in s)
     model = eval(line.split("model = ")[1], {"timm": timm}).eval()  # the printed line, run
@@ -1101,14 +1101,13 @@ PROBE_ERRORS = [  # argv with {ckpt}, {tmp}, {noproxy} filled in; the one line o
     (["{ckpt}", "--dataset", "imagefolder", "--data", "{tmp}/mixed"], "error: {tmp}/mixed/val "
      "has other classes than {tmp}/mixed/train (only in train: class1; only in val: class2): "
      "give both the same class folders"),  # labels are folder ranks: other folders mislabel
-    *[(["{ckpt}", flag, "{ckpt}"], "error: {ckpt} is the checkpoint being read: writing there "
-       "would replace it; choose another path") for flag in ("--out", "--timm")],
-    *[(["{ckpt}", flag, "{tmp}/no/f"], "error: cannot write {tmp}/no/f: {tmp}/no does not exist: "
-       "create that folder or choose another path") for flag in ("--out", "--timm")],
-    (["{ckpt}", "--out", "{tmp}/noproxy.pt/r.json"], "error: cannot write {tmp}/noproxy.pt/r.json"
-     ": {tmp}/noproxy.pt is a file, not a folder: choose another path"),
-    (["{ckpt}", "--timm", "{tmp}/train"], "error: {tmp}/train is a folder, not a file: choose "
-                                          "another path"),
+    *[(["{ckpt}", flag, "{ckpt}"], "error: {ckpt} is the checkpoint being read (it would be "
+       "replaced): choose another path") for flag in ("--out", "--timm")],
+    *[(["{ckpt}", flag, "{tmp}/no/f"], "error: {tmp}/no/f cannot be written: {tmp}/no does not "
+       "exist: choose another path") for flag in ("--out", "--timm")],
+    (["{ckpt}", "--out", "{tmp}/noproxy.pt/r"], "error: {tmp}/noproxy.pt/r cannot be written: "
+                                                "{tmp}/noproxy.pt is a file: choose another path"),
+    (["{ckpt}", "--timm", "{tmp}/train"], "error: {tmp}/train is a folder: choose another path"),
 ]
 
 @pytest.mark.parametrize("argv,message", PROBE_ERRORS)
@@ -1203,8 +1202,8 @@ VIS_ERRORS = [  # argv ({sm}, {tmp} filled in; --out TMP/fig added), a regex of 
     (["{sm}", "--compare", "{tmp}/o"], "compare .* 32 px images in 4 px patches and 24 px"),
     (["{sm}", "--stats-images", "5"], "--stats-images needs --stats$"),
     (["{sm}", "--stats", "--compare", *["{sm}"] * 3], "--compare takes one or two .*, got 3$"),
-    (["{sm}", "--out", "{tmp}/bad.png"], "bad.png is a file, not a folder: choose another path$"),
-    (["{sm}", "--out", "{tmp}/bad.png/f"], "cannot write .*/f: .*bad.png is a file, not a folder")]
+    (["{sm}", "--out", "{tmp}/bad.png"], "bad.png is not a folder: choose another path$"),
+    (["{sm}", "--out", "{tmp}/bad.png/f"], "/f cannot be written: .*bad.png is a file: choose")]
 
 @pytest.mark.parametrize("argv,message", VIS_ERRORS)
 def test_every_bad_visualize_input_is_one_line_naming_the_fix_and_writes_nothing(

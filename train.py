@@ -17,11 +17,11 @@ Sections: 1 arguments, 2 distributed, 3 data, 4 model and optimizer, 5 checkpoin
 import argparse
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import math
 import os
+import pathlib
 import pickle
 import shlex
 import shutil
@@ -207,11 +207,6 @@ def setup_distributed(device_arg="auto"):
     return rank, world, torch.device("cuda", local) if use_cuda else torch.device("cpu")
 
 
-def rank_or_none():
-    """This process's rank among several, or None when it runs alone."""
-    return dist.get_rank() if dist.is_initialized() and dist.get_world_size() > 1 else None
-
-
 # ---- 3. Data: small sets as one uint8 tensor on the device; image folders through workers --------
 MEAN_STD = {  # per-channel mean and std of each set's training images (ImageNet's for folders)
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -316,7 +311,8 @@ def load_split(dataset, root, split, size, synthetic_size=1024, augment=False, m
         n = synthetic_size if split == "train" else max(synthetic_size // 4, 1)
         x, y = synthetic_images(n, size, seed=1 if split == "train" else 2)
         return x, y, [str(c) for c in range(10)]
-    cls, rank = getattr(torchvision.datasets, TORCHVISION[dataset]), rank_or_none()
+    cls = getattr(torchvision.datasets, TORCHVISION[dataset])
+    rank = dist.get_rank() if dist.is_initialized() and dist.get_world_size() > 1 else None
     if rank:
         dist.barrier()                                      # rank 0 downloads, then the others read
     try:
@@ -331,12 +327,6 @@ def load_split(dataset, root, split, size, synthetic_size=1024, augment=False, m
     return x.contiguous(), torch.as_tensor(ds.targets), ds.classes
 
 
-@functools.lru_cache
-def on_device(values, device):
-    """A constant made on the device once: torch.tensor(..., device=GPU) waits for the GPU."""
-    return torch.tensor(values, device=device)
-
-
 def to_model_input(x, size, mean, std):
     """uint8 or [0,1] float batch (B, C, h, w) -> normalised float (B, 3, size, size)."""
     x = x.float() / 255 if x.dtype == torch.uint8 else x
@@ -344,7 +334,7 @@ def to_model_input(x, size, mean, std):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
                           align_corners=False).clamp(0, 1)
     x = x.expand(-1, 3, -1, -1)                            # grayscale -> 3 channels
-    m, s = (on_device(tuple(v), x.device).view(1, 3, 1, 1) for v in (mean, std))
+    m, s = (torch.as_tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
     return (x - m) / s
 
 
@@ -380,8 +370,8 @@ def usable_workers(n, say=True):
 
 
 def quiet_worker(_):
-    """A DataLoader worker lives through SIGTERM/SIGINT: a scheduler or torchrun signals the
-    whole process group, and the training process must still read the step it saves after."""
+    """Workers live through the SIGTERM/SIGINT sent to the whole process group (by torchrun, a
+    scheduler, Ctrl-C): the training process still needs the step it saves after."""
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
 
@@ -396,6 +386,7 @@ def batches(images, keys, batch, device, size, mean, std, workers=0, draw=None, 
     """Normalised batches (B, 3, size, size) on the device of the images at keys, (epoch, index)
     pairs, in order: image folders through DataLoader workers; in-memory images sliced, and with
     draw(indices) -> uniform numbers (B, 5), cropped and flipped by augment() on the device."""
+    mean, std = (torch.tensor(v, device=device) for v in (mean, std))  # once: it waits for a GPU
     if isinstance(images, Folder):
         loader = DataLoader(images, batch_size=batch, sampler=keys, num_workers=workers,
                             pin_memory=device.type == "cuda", collate_fn=collate_or_message,
@@ -463,11 +454,9 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}  # --
 
 def resolve_amp(amp, device):
     """--amp auto -> bf16 on a GPU that has it (fp16 on older ones: V100, T4), none on a CPU."""
-    if amp != "auto":
-        return amp
-    if device.type != "cuda":
-        return "none"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return amp if amp != "auto" else "bf16" if native else "fp16" if device.type == "cuda" else \
+        "none"
 
 
 # ---- 5. Checkpoints: written atomically, read by one function with one-line errors ---------------
@@ -505,29 +494,23 @@ def save_checkpoint(path, step_kept=None, **state):
 
 def write_json(path, report):
     """A report, written whole or not at all."""
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-    write_atomic(path, dump, "the report")
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=1)),
+                 "the report")
 
 
 def check_output(path, folder=False, reading=None):
-    """Before any work: one line for an output path that cannot be written, i.e. the checkpoint
-    being read, a folder where a file goes or the reverse, or a parent that is not a folder."""
-    where = os.path.abspath(path)
-    if reading and os.path.exists(where) and os.path.samefile(where, reading):
-        raise SystemExit(f"error: {path} is the checkpoint being read: writing there would "
-                         f"replace it; choose another path")
-    if os.path.exists(where) and os.path.isdir(where) != folder:
-        raise SystemExit(f"error: {path} is {'a file' if folder else 'a folder'}, not "
-                         f"{'a folder' if folder else 'a file'}: choose another path")
-    up = where if folder else os.path.dirname(where)
+    """Before any work, one line for an output path that cannot be written: the checkpoint being
+    read, a folder where a file goes or the reverse, a parent that is a file or missing."""
+    where, up = os.path.abspath(path), os.path.abspath(path if folder else os.path.dirname(path))
     while folder and not os.path.exists(up):                # a folder's missing parents are made
         up = os.path.dirname(up)
-    if not os.path.isdir(up):
-        raise SystemExit(f"error: cannot write {path}: {up} " + (
-            "is a file, not a folder: choose another path" if os.path.exists(up) else
-            "does not exist: create that folder or choose another path"))
+    exists = os.path.exists(where)
+    fault = ("is the checkpoint being read (it would be replaced)" if reading and exists and
+             os.path.samefile(where, reading) else f"is {'not ' * folder}a folder" if exists and
+             os.path.isdir(where) != folder else None if os.path.isdir(up) else
+             f"cannot be written: {up} {'is a file' if os.path.exists(up) else 'does not exist'}")
+    if fault:
+        raise SystemExit(f"error: {path} {fault}: choose another path")
     return path
 
 
@@ -572,39 +555,6 @@ def load_model(path):
         raise SystemExit(f"error: {path}: {' '.join(str(e).split())[:400]}") from None
 
 
-def timm_kwargs(cfg):
-    """timm VisionTransformer's arguments for the main stack: [PROXY] = register tokens with own
-    position entries; 'avg' pool + fc_norm = the LayerNorm'd patch mean (the authors' ln2)."""
-    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.dim,
-                depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
-                class_token=False, reg_tokens=cfg.num_proxies, no_embed_class=False,
-                global_pool="avg", fc_norm=True)
-
-
-def export_timm(model, ckpt, path):
-    """The encoder for fine-tuning (probe.py --timm): the main stack under timm's names, a file
-    timm's VisionTransformer(**timm_kwargs, num_classes=0) loads strictly; print how to load it.
-    The patch Linear (D, p*p*3), in patchify's order, becomes the Conv2d (D, 3, p, p). Left out,
-    pre-training only: [MASK] (its key makes timm read a DINOv2 file), mask stack, norm, head."""
-    sd, p, D, S = model.state_dict(), model.cfg.patch_size, model.cfg.dim, model.cfg.img_size
-    out = {"patch_embed.proj.weight": sd["patch_embed.weight"].reshape(D, p, p, 3)
-           .permute(0, 3, 1, 2).contiguous(),              # (D, 3, p, p)
-           "patch_embed.proj.bias": sd["patch_embed.bias"], "pos_embed": sd["pos_embed"],
-           **({"reg_token": sd["proxy"]} if model.cfg.num_proxies else {}),
-           **{k.replace("mlp.0.", "mlp.fc1.").replace("mlp.2.", "mlp.fc2."): v
-              for k, v in sd.items() if k.startswith("blocks.")},
-           "fc_norm.weight": torch.ones(D), "fc_norm.bias": torch.zeros(D)}  # the probe's LN
-    save_checkpoint(path, **out)
-    dataset = ckpt.get("args", {}).get("dataset", "imagefolder")
-    kw = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(model.cfg).items())
-    print(f"wrote {path}, the encoder of step {ckpt.get('step')} for timm; with a new head:\n"
-          f"  model = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes="
-          f"{ {'cifar100': 100, 'imagefolder': 1000}.get(dataset, 10)}, drop_path_rate=0.1, {kw}"
-          f", pretrained_cfg_overlay=dict(file={path!r}, num_classes=0, mean="
-          f"{MEAN_STD[dataset][0]}, std={MEAN_STD[dataset][1]}, input_size=(3, {S}, "
-          f"{S})))\nfine-tune it the authors' way: experiments/finetune.py (README, Fine-tuning)")
-
-
 def training_state(model, opt, scaler, gen, step, cfg, args, data):
     """Everything --resume needs to continue bit for bit (the RNGs too), and what it checks."""
     rng = {"torch": torch.get_rng_state(), "batch": gen.get_state()}
@@ -614,20 +564,16 @@ def training_state(model, opt, scaler, gen, step, cfg, args, data):
                 step=step, rng=rng, config=asdict(cfg), args=vars(args), data=data)
 
 
-def check_same_data(saved, data, path):
-    """--resume on other data (a changed folder, another data set) would mix two runs: refused.
-    The same images at another path resume: the identity holds no path."""
+def restore_state(ckpt, path, model, opt, scaler, gen, data):
+    """The inverse of training_state; one line for a file that does not fit the run or its data
+    (other images would mix two runs; the same images at another path are the same data)."""
+    saved = ckpt.get("data", data)
     what = {"images": f"{data['images']} images (saved {saved.get('images')})",
             "classes": "other class names", "files": "other file names"}
-    differ = [what[k] for k in data if saved.get(k, data[k]) != data[k]]
-    if differ:
-        raise SystemExit(f"error: {path} was trained on other data than --data holds now "
-                         f"({', '.join(differ)}): resume on the run's own images, or start a "
-                         f"new --out")
-
-
-def restore_state(ckpt, path, model, opt, scaler, gen):
-    """The inverse of training_state; one line for a file that does not fit the run."""
+    if [k for k in data if saved.get(k, data[k]) != data[k]]:
+        raise SystemExit(f"error: {path} was trained on other data than --data holds now ("
+                         f"{', '.join(what[k] for k in data if saved.get(k) != data[k])}): "
+                         f"resume on the run's own images, or start a new --out")
     try:
         on = "cpu" if len(ckpt["rng"]["batch"]) == len(torch.Generator().get_state()) else "cuda"
         if on != gen.device.type:                           # a generator's state is its device's
@@ -800,13 +746,11 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(args.seed)  # masks and batch augmentation
     model = sm.SemanticMIM(cfg).to(device)
     steps_per_epoch, epoch_batches, data = train_batches(args, cfg, rank, world, device, gen)
-    if ckpt:
-        check_same_data(ckpt.get("data", data), data, ckpt_path)
     total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     peak_lr = args.blr * args.batch_size / 256
     opt = make_optimizer(model, peak_lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    step = restore_state(ckpt, ckpt_path, model, opt, scaler, gen) if ckpt else 0
+    step = restore_state(ckpt, ckpt_path, model, opt, scaler, gen, data) if ckpt else 0
     if args.stop_at is not None and not step < args.stop_at <= total:
         raise SystemExit(f"error: --stop-at {args.stop_at} is not between step {step} and the "
                          f"last step {total}: pass a step in that range, or leave it out")

@@ -30,6 +30,7 @@ from timm.scheduler import CosineLRScheduler
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import probe  # noqa: E402
 import train  # noqa: E402
 
 
@@ -73,14 +74,14 @@ def main():
     train_set, test_set = datasets(dataset, args.data or saved.get("data", "data"), S, mean, std)
     C, file = len(train_set.classes), os.path.join(os.path.dirname(args.checkpoint), "timm.pth")
     if not args.random:
-        train.export_timm(encoder, ckpt, file)
+        probe.export_timm(encoder, ckpt, file)
 
     # the model: the exported encoder (or timm's init), a new head of std 2e-5
     torch.manual_seed(args.seed)  # and below, the shuffle; Mixup draws from numpy, RandAugment
     random.seed(args.seed)        # from random: with --workers 0 a run repeats exactly
     np.random.seed(args.seed)
     model = timm.create_model("vit_base_patch16_224", pretrained=not args.random, num_classes=C,
-                              drop_path_rate=0.1, **train.timm_kwargs(encoder.cfg),
+                              drop_path_rate=0.1, **probe.timm_kwargs(encoder.cfg),
                               pretrained_cfg_overlay=dict(file=file, num_classes=0))
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
     torch.nn.init.zeros_(model.head.bias)
