@@ -181,7 +181,7 @@ def export_timm(model, ckpt, path):
            **{k.replace("mlp.0.", "mlp.fc1.").replace("mlp.2.", "mlp.fc2."): v
               for k, v in sd.items() if k.startswith("blocks.")},
            "fc_norm.weight": torch.ones(D), "fc_norm.bias": torch.zeros(D)}  # the probe's LN
-    train.save_checkpoint(path, **out)
+    train.write_atomic(path, lambda tmp: torch.save(out, tmp), "the timm file")
     dataset = ckpt.get("args", {}).get("dataset", "imagefolder")
     kw = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(model.cfg).items())
     print(f"wrote {path}, the encoder of step {ckpt.get('step')} for timm; with a new head:\n"

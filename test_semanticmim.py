@@ -323,13 +323,13 @@ def test_tiny_model_overfits_one_batch(baseline):
 def test_a_checkpoint_rebuilds_its_own_model_and_a_mismatch_is_refused(tmp_path):
     model, cfg, imgs, keep, mask = seeded()
     path = str(tmp_path / "checkpoint.pt")
-    train.save_checkpoint(path, model=model.state_dict(), config=asdict(cfg))
+    torch.save(dict(model=model.state_dict(), config=asdict(cfg)), path)
     assert os.listdir(tmp_path) == ["checkpoint.pt"]             # no temporary file left
     loaded, _ = train.load_model(path)
     assert loaded.cfg == cfg and not loaded.training
     assert torch.equal(loaded.predict(imgs, keep, mask)[0],
                        model.eval().predict(imgs, keep, mask)[0])
-    train.save_checkpoint(path, model=model.state_dict(), config=asdict(tiny(num_proxies=1)))
+    torch.save(dict(model=model.state_dict(), config=asdict(tiny(num_proxies=1))), path)
     with pytest.raises(SystemExit, match="size mismatch for pos_embed"):
         train.load_model(path)
 
@@ -478,11 +478,11 @@ def test_under_torchrun_rank_0_downloads_the_data_set_before_the_others_read_it(
         events.clear(), train.load_split("cifar10", "data", "train", 32)
         assert events == order
 
-def test_a_new_run_replaces_a_log_without_checkpoint_and_ends_naming_the_next_commands(
+def test_a_new_run_moves_a_log_without_checkpoint_aside_and_ends_naming_the_next_commands(
         tmp_path, capsys):
-    out = tmp_path / "my run"
+    out, old = tmp_path / "my run", '{"step": 2, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n' * 3
     out.mkdir()
-    (out / "log.jsonl").write_text('{"step": 2, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n' * 3)
+    (out / "log.jsonl").write_text(old)
     for again in (False, True):                             # and when there is nothing to do
         train.main(TINY_RUN + ["--out", str(out)] + (["--resume"] if again else []))
         path = str(out / "checkpoint.pt")
@@ -493,9 +493,9 @@ def test_a_new_run_replaces_a_log_without_checkpoint_and_ends_naming_the_next_co
                               f"  python visualize.py {quoted}", f"  python probe.py {quoted} "
                               f"--timm {timm_file}   # the encoder for timm, to fine-tune"]
         assert ("nothing to do" in lines[-6]) == again
-        assert any("holds an earlier run that wrote no checkpoint: starting a new log" in s
-                   for s in lines) != again
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", "run.lock"]
+        assert any("is the log of another run: moved it to" in s for s in lines) != again
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.None.jsonl", "log.jsonl", "run.lock"]
+    assert (out / "log.None.jsonl").read_text() == old      # kept, as it was
     log = train.read_log(out / "log.jsonl")                 # a record per progress line
     assert [r["step"] for r in log] == [2, 4, 6, 8] and all(r["img_per_s"] > 0 for r in log)
 
@@ -704,7 +704,7 @@ def test_a_log_of_another_run_is_set_aside_not_continued(tmp_path, capsys):
     runs_of = lambda d, f="log.jsonl": [(r["step"], r["run"]) for r in train.read_log(d / f)]
     first, second = runs_of(a)[0][1], runs_of(b)[0][1]
     train.main(["--resume", "--out", str(a)])
-    assert f"moved it to {a / f'log.{first}.jsonl'}; starting a new log" in capsys.readouterr().out
+    assert f"moved it to {a / f'log.{first}.jsonl'}; a new log starts" in capsys.readouterr().out
     assert runs_of(a) == [(6, second), (8, second)] and len(runs_of(a, f"log.{first}.jsonl")) == 4
 
 def test_micro_batches_give_the_full_batch_run_and_may_change_on_resume(tmp_path):
@@ -1056,8 +1056,8 @@ def test_timm_export_loads_strictly_and_timm_computes_our_features_block_by_bloc
         torch.manual_seed(0)
         cfg = tiny(num_proxies=int(which[-1]), baseline=which.endswith("0"), patch_size=8)
         path = tmp_path / "checkpoint.pt"
-        train.save_checkpoint(str(path), config=asdict(cfg), model=sm.SemanticMIM(cfg).state_dict(),
-                              args={"dataset": "cifar10"})
+        torch.save(dict(config=asdict(cfg), model=sm.SemanticMIM(cfg).state_dict(),
+                        args={"dataset": "cifar10"}), path)
     ours, _ = train.load_model(str(path))
     file = tmp_path / "timm.pth"
     probe.main([str(path), "--timm", str(file)])

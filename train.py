@@ -133,8 +133,8 @@ def build_parser(prog="train.py"):
     o.add_argument("--weight-decay", type=NONNEGATIVE, default=0.05)
     o.add_argument("--clip", type=NONNEGATIVE, default=0.02, help="gradient-norm clip (0: off)")
     o.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                   help="autocast dtype; fp16 uses a GradScaler; auto: bf16 on a GPU, none on a "
-                   "CPU (a CPU without bf16 instructions runs bf16 autocast ~10x slower)")
+                   help="autocast dtype; fp16 uses a GradScaler; auto: bf16 on a GPU (fp16 where "
+                   "it lacks bf16), none on a CPU (one without bf16 runs bf16 ~10x slower)")
     o.add_argument("--seed", type=NATURAL, default=0)
     r = p.add_argument_group("run")
     r.add_argument("--out", default="out", help="folder for checkpoint.pt and log.jsonl")
@@ -488,10 +488,6 @@ def write_atomic(path, write, what, step=False):
         raise fail(what, path, e, step) from None
 
 
-def save_checkpoint(path, step_kept=None, **state):
-    write_atomic(path, lambda tmp: torch.save(state, tmp), "the checkpoint", step_kept)
-
-
 def write_json(path, report):
     """A report, written whole or not at all."""
     write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=1)),
@@ -634,21 +630,18 @@ def lock_folder(folder, rank, world, device):
 
 
 def start_log(path, step, run):
-    """A resumed run's log cut back to its checkpoint's step; a new run's log started empty (in
-    the folder lock_folder made). A log of another run (its checkpoint replaced) is set aside."""
-    kept = [r for r in read_log(path) if r["step"] <= step] if step is not None and \
-        os.path.exists(path) else []
-    if step is None and os.path.exists(path):
-        print(f"note: {path} holds an earlier run that wrote no checkpoint: starting a new log")
+    """The log of the run (in the folder lock_folder made), a resumed run's cut back to its
+    checkpoint's step. Each record carries its run's id: the log of another run (one that died
+    before its first checkpoint, or whose checkpoint was replaced) is moved aside, not lost."""
+    kept = read_log(path) if os.path.exists(path) else []
     try:
-        if any(r.get("run") != run for r in kept):         # records carry their run's id
+        if any(step is None or r.get("run") != run for r in kept):
             aside = os.path.join(os.path.dirname(path), f"log.{kept[0].get('run')}.jsonl")
             os.replace(path, aside)
-            print(f"note: {path} is the log of another run than its checkpoint: moved it to "
-                  f"{aside}; starting a new log")
+            print(f"note: {path} is the log of another run: moved it to {aside}; a new log starts")
             kept = []
         with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.writelines(json.dumps(r) + "\n" for r in kept if r["step"] <= step)
     except OSError as e:
         raise fail("the log", path, e, step) from None
 
@@ -777,12 +770,11 @@ def main(argv=None):
         if rank == 0:
             say(f"signal {num}: saving a checkpoint after this step (again to abort)")
 
-    def signalled():  # after every step, every rank learns of any rank's signal: a CPU all-reduce
-        if world == 1:  # (Gloo, no GPU sync), so the save starts well before torchrun's SIGKILL
-            return bool(signals)
-        got = torch.tensor([float(bool(signals))])
-        dist.all_reduce(got, group=flags)
-        return got.item() > 0
+    def signalled():  # after every step, every rank learns of any rank's signal by an all-reduce
+        got = torch.tensor([float(bool(signals))])  # on the CPU (Gloo: no GPU sync), so the save
+        if world > 1:                               # starts long before torchrun's SIGKILL
+            dist.all_reduce(got, group=flags)
+        return bool(got)
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     loss_sum, loss_n, t0, step0 = torch.zeros((), device=device), 0, time.time(), step
     last_good, saved_at, stop = (step if ckpt else None), time.time(), step >= total
@@ -826,8 +818,9 @@ def main(argv=None):
                 loss_sum.zero_()
                 loss_n, t0, step0 = 0, time.time(), step
                 if save and rank == 0:
-                    save_checkpoint(ckpt_path, last_good, **training_state(
-                        model, opt, scaler, gen, step, cfg, args, data))
+                    state = training_state(model, opt, scaler, gen, step, cfg, args, data)
+                    write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp), "the checkpoint",
+                                 last_good)
                 if save and world > 1:
                     dist.barrier()                          # no rank runs ahead of the file
                 last_good, saved_at = (step, time.time()) if save else (last_good, saved_at)
