@@ -684,8 +684,7 @@ def test_resume_refuses_other_data_and_follows_the_same_images_to_another_path_b
                                                         f"--resume --out {shlex.quote(str(out))}")
     extra = tmp_path / "a" / "train" / "class0" / "x.png"
     shutil.copy(tmp_path / "a" / "train" / "class0" / "0.png", extra)  # an image added since
-    for data, differ in (("a", "17 images (saved 16), other file names"),
-                         ("other", "other file names")):
+    for data, differ in (("a", "17 images (saved 16), other files"), ("other", "other files")):
         with pytest.raises(SystemExit, match=re.escape(f"trained on other data than --data holds "
                                                        f"now ({differ}): resume on the run's")):
             train.main(["--resume", "--out", str(out), "--data", str(tmp_path / data)])

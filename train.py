@@ -564,12 +564,11 @@ def restore_state(ckpt, path, model, opt, scaler, gen, data):
     """The inverse of training_state; one line for a file that does not fit the run or its data
     (other images would mix two runs; the same images at another path are the same data)."""
     saved = ckpt.get("data", data)
-    what = {"images": f"{data['images']} images (saved {saved.get('images')})",
-            "classes": "other class names", "files": "other file names"}
-    if [k for k in data if saved.get(k, data[k]) != data[k]]:
-        raise SystemExit(f"error: {path} was trained on other data than --data holds now ("
-                         f"{', '.join(what[k] for k in data if saved.get(k) != data[k])}): "
-                         f"resume on the run's own images, or start a new --out")
+    differ = [f"{data[k]} images (saved {saved[k]})" if k == "images" else f"other {k}"
+              for k in data if saved.get(k, data[k]) != data[k]]
+    if differ:
+        raise SystemExit(f"error: {path} was trained on other data than --data holds now "
+                         f"({', '.join(differ)}): resume on the run's own images, or a new --out")
     try:
         on = "cpu" if len(ckpt["rng"]["batch"]) == len(torch.Generator().get_state()) else "cuda"
         if on != gen.device.type:                           # a generator's state is its device's
