@@ -121,12 +121,21 @@ def test_masks_have_exactly_nm_sorted_patches_per_image_disjoint_unless_independ
     keep, mask = sm.random_masking(B, N, Nm, torch.Generator().manual_seed(0), "cpu")
     assert keep.shape == (B, N - Nm) and mask.shape == (B, Nm)
     for k, m in zip(keep.tolist(), mask.tolist()):
-        assert set(k).isdisjoint(m) and sorted(k + m) == list(range(N)) and m == sorted(m)
+        assert set(k).isdisjoint(m) and sorted(k + m) == list(range(N))
+        assert k == sorted(k) and m == sorted(m)                # raster order, both
     assert len({tuple(m) for m in mask.tolist()}) == B          # every image its own mask
     assert torch.equal(masks(tiny(), B)[1], masks(tiny(), B)[1])  # the caller's seed decides
     keep, mask = sm.random_masking(B, N, Nm, torch.Generator().manual_seed(0), "cpu", True)
     assert keep.shape == (B, N - Nm) and all(len(set(m)) == Nm for m in mask.tolist())
     assert sum(len(set(k) & set(m)) for k, m in zip(keep.tolist(), mask.tolist())) > 0  # apart
+
+def test_the_masked_count_is_ceil_n_times_ratio_and_every_patch_as_likely_masked():
+    """The authors' counts: 52 of 64 at 0.8, 157 of 196 at 0.8, 79 of 196 at 0.4; uniform masks."""
+    counts = [sm.Config(img_size=s, patch_size=p, mask_ratio=r).num_masked
+              for s, p, r in ((32, 4, 0.8), (224, 16, 0.8), (224, 16, 0.4))]
+    assert counts == [52, 157, 79] and masks(tiny(), 2)[1].shape == (2, 52)
+    freq = masks(tiny(), 4000)[1].flatten().bincount(minlength=64) / 4000    # (N,), 52/64 each
+    assert (freq - 52 / 64).abs().max() < 0.03, freq
 
 def test_sdpa_path_equals_explicit_softmax_path_and_fused_equals_split():
     torch.manual_seed(0)
@@ -191,6 +200,24 @@ def test_img_and_proxy_tokens_never_see_mask_tokens(baseline):
         model.mask_token.add_(torch.randn_like(model.mask_token))
     assert all(torch.equal(x, y) for x, y in zip(before, main_outputs())) != baseline
 
+@pytest.mark.parametrize("baseline", [False, True])
+def test_every_token_enters_with_its_own_position_entry_mask_tokens_too(baseline):
+    """Inputs of the first block: [PROXY] k = proxy k + pos[k]; [IMG] and [MASK] at patch j get
+    pos[P + j] (the mask stream's; the baseline's one stream: [MASK] rows last)."""
+    model, cfg, imgs, keep, mask = seeded(baseline=baseline)
+    P, Nv, seen = cfg.num_proxies, keep.shape[1], []
+    first = [model.blocks[0]] + ([] if baseline else [model.mask_blocks[0]])
+    predict_with_hooks(model, imgs, keep, mask, [(b, lambda m, i, o: seen.append(i[0]))
+                                                 for b in first])
+    with torch.no_grad():
+        pos = model.pos_embed[0]                                        # (P+N, D)
+        img = sm.gather_tokens(model.patch_embed(sm.patchify(imgs, 4)), keep)  # (B, Nv, D)
+        want_mask = model.mask_token[0] + pos[P + mask]                  # (B, Nm, D)
+        torch.testing.assert_close(model.mask_tokens(mask), want_mask)
+        torch.testing.assert_close(seen[0][:, :P], (model.proxy + pos[:P]).expand(2, -1, -1))
+        torch.testing.assert_close(seen[0][:, P:P + Nv], img + pos[P + keep])
+        torch.testing.assert_close(seen[0][:, P + Nv:] if baseline else seen[1], want_mask)
+
 def test_mask_block_reads_the_proxies_output_by_the_main_block_of_the_same_depth():
     model, cfg, imgs, keep, mask = seeded(depth=3)
     P = cfg.num_proxies
@@ -218,6 +245,20 @@ def test_baseline_is_one_stream_with_the_same_main_stack():
     hooks = [(blk, lambda m, i, o: lengths.append(o[0].shape[1])) for blk in base.blocks]
     predict_with_hooks(base, torch.randn(2, 3, 32, 32), keep, mask, hooks)
     assert lengths == [cfg.num_proxies + keep.shape[1] + mask.shape[1]] * cfg.depth
+
+def test_initialisation_is_the_authors():
+    """trunc-normal std 0.02: positions, proxies, [MASK], every Linear weight; Linear biases 0;
+    LayerNorm 1 and 0, eps 1e-6 (the cifar preset: each tensor large enough to measure)."""
+    torch.manual_seed(0)
+    model = sm.SemanticMIM(sm.PRESETS["cifar"])
+    norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert len(norms) == 17 and all(model.get_submodule(n).eps == 1e-6 for n in norms)
+    for name, p in model.named_parameters():
+        module, _, kind = name.rpartition(".")
+        if module in norms or kind == "bias":
+            assert p.eq(float(module in norms and kind == "weight")).all(), name
+        else:                                          # smallest: [MASK], 128 values
+            assert abs(p.std() - 0.02) < 0.003 and abs(p.mean()) < 0.005, (name, p.std())
 
 def test_features_are_the_main_stack_on_all_patches_block_by_block():
     model, _, imgs, _, _ = seeded()
