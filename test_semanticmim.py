@@ -374,6 +374,28 @@ def test_lr_schedule_and_parameter_groups():
     assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
 
+def test_the_lr_is_blr_times_the_global_batch_over_256_warmed_up_over_a_tenth_of_the_epochs(
+        runs):
+    """runs/sm: --blr 0.05, batch 16, 8 steps: peak 0.05 * 16 / 256, round(0.8) = 1 warm-up
+    step; the optimizer holds the lr that the log reports."""
+    log = train.read_log(runs / "sm" / "log.jsonl")
+    assert [r["lr"] for r in log] == pytest.approx(
+        [train.lr_at(s - 1, 8, 1, 0.05 * 16 / 256) for s in (2, 4, 6, 8)], rel=1e-12)
+    groups = torch.load(runs / "sm" / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert [g["lr"] for g in groups["param_groups"]] == [log[-1]["lr"]] * 2
+
+def test_clip_bounds_the_norm_of_the_gradient_the_optimizer_applies():
+    """--clip c: the step sees the gradient scaled to norm c where its norm is above c."""
+    model, _, imgs, keep, mask = seeded()
+    opt, norms = torch.optim.SGD(model.parameters(), lr=1.0), []
+    opt.step = lambda: norms.append(float(torch.cat([p.grad.flatten() for p in
+                                                       model.parameters()]).norm()))
+    for clip in (0, 1e-3):                                 # 0: off
+        train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), imgs,
+                         keep, mask, None, clip)
+    assert norms[0] > 1e-2 and norms[1] == pytest.approx(1e-3, rel=1e-4), norms
+    assert train.parse_args([]).clip == 0.02                # the authors' default: on
+
 def test_batch_augmentation_crops_and_flips():
     x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     whole = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9]] * 2)      # scale 1, ratio 1, centred, no flip
@@ -384,6 +406,17 @@ def test_batch_augmentation_crops_and_flips():
     out = train.augment(x, 32, torch.rand(2, 5))
     assert out.shape == (2, 1, 32, 32) and 0 <= out.min() and out.max() <= 1
     assert train.to_model_input(x, 32, (0.5,) * 3, (0.25,) * 3).shape == (2, 3, 32, 32)
+
+def test_every_epoch_visits_every_image_once_in_a_new_order(monkeypatch):
+    """The sampler is set to each epoch: another epoch, another order; the same epoch, the same
+    order (resume), and a start at batch 3 is that order from image 3 x 16 on."""
+    monkeypatch.setattr(train, "batches", lambda images, keys, *a: [i for _, i in keys])
+    args = train.parse_args(TINY_RUN)
+    steps, epoch = train.train_batches(args, train.build_config(args), 0, 1, torch.device("cpu"),
+                                       torch.Generator())
+    orders = [epoch(e, 0) for e in (0, 1, 2)]
+    assert steps == 8 and all(sorted(o) == list(range(128)) for o in orders)
+    assert len({tuple(o) for o in orders}) == 3 and epoch(1, 3) == orders[1][3 * 16:]
 
 def test_offline_fashion_mnist_reads_idx_files_and_no_network_names_the_offline_choices(
         tmp_path, monkeypatch):
@@ -500,6 +533,18 @@ def test_a_stopped_run_resumes_bitwise_to_the_uninterrupted_run(amp, stop, saved
     steps = [rec["step"] for rec in train.read_log(tmp_path / "split" / "log.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 16      # no duplicated log lines
     assert signal.getsignal(signal.SIGTERM) is before            # handlers are restored
+
+def test_a_second_signal_aborts_at_once_and_saves_nothing(tmp_path, monkeypatch):
+    """Two SIGTERMs in step 3 (Ctrl-C twice): KeyboardInterrupt there, no save at step 4."""
+    def twice(n, loss):
+        for _ in range(2 if n == 3 else 0):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+    patch_forward(monkeypatch, twice)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TINY_RUN + ["--out", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "run.lock"]
+    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2]  # step 3 ended it
 
 @pytest.mark.parametrize("minutes,saved", [(0, None), (1e-9, 4)])
 def test_ckpt_minutes_saves_at_the_first_progress_line_once_due(minutes, saved, tmp_path,
