@@ -754,6 +754,12 @@ def bad_checkpoints(good, root):
                                                 torch.full((96, 32), float("nan"))}},
                              "holds non-finite weights (first: blocks.1.attn.qkv.weight): it "
                              "cannot be used; take an earlier checkpoint")}
+    for kind, name, value in (("one NaN", "blocks.0.mlp.0.bias", math.nan),   # among finite
+                              ("one infinity", "norm.weight", -math.inf)):
+        t = ckpt["model"][name].clone()
+        t[5] = value
+        cases[kind] = ({**ckpt, "model": {**ckpt["model"], name: t}},
+                       f"holds non-finite weights (first: {name})")
     for kind, (content, message) in cases.items():
         path = root / kind.replace(" ", "_") / "checkpoint.pt"
         path.parent.mkdir(parents=True)
@@ -805,6 +811,19 @@ def test_linear_probe_learns_separable_features_and_not_random_labels():
                                   batch_size=256)
     assert acc(y) >= 0.98
     assert acc(y[torch.randperm(len(y), generator=g)]) < 0.45  # chance is 0.25
+
+def test_linear_probe_is_scored_on_the_test_split():
+    """Trained on one-hot-like features: 100% on test features of the same law, 0% on test
+    features moved one class on, chance when only the test labels are permuted."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(4, (600,), generator=g)
+    x = torch.nn.functional.one_hot(y, 4).float() + 0.1 * torch.randn(600, 4, generator=g)
+
+    def acc(test_f, test_y):
+        return probe.linear_probe(lambda e: x[:400], y[:400], test_f, test_y, 4, epochs=20,
+                                  batch_size=100)
+    assert acc(x[400:], y[400:]) == 1 and acc(x[400:].roll(1, 1), y[400:]) == 0
+    assert acc(x[400:], y[400:][torch.randperm(200, generator=g)]) < 0.45  # chance: 0.25
 
 def unit(*degrees):
     a = torch.tensor(degrees, dtype=torch.float64).deg2rad()
@@ -927,6 +946,17 @@ def test_two_gloo_processes_give_the_features_and_accuracies_of_one(ckpt, tmp_pa
     for name, (tr, te) in feats_one.items():
         assert torch.allclose(tr, feats_two[name][0], atol=1e-5)
         assert torch.allclose(te, feats_two[name][1], atol=1e-5)
+
+def test_augmented_probe_trains_each_epoch_on_new_crops(ckpt, tmp_path, monkeypatch):
+    """--augmented: the training features of epoch e are its own crops, the same on every call,
+    other than epoch e+1's and than the plain images'."""
+    seen = []
+    monkeypatch.setattr(probe, "linear_probe", lambda features_of_epoch, *a, **k: seen.extend(
+        features_of_epoch(e) for e in (0, 1, 0)) or 0.5)
+    _, feats = probe.main([ckpt, "--augmented", "--rows", "pixels", "--epochs", "2", "--out",
+                           str(tmp_path / "p.json")])
+    assert torch.equal(seen[0], seen[2]) and not torch.allclose(seen[0], seen[1], atol=0.1)
+    assert not torch.allclose(seen[0], feats["pixels", "pixels", None][0], atol=0.1)
 
 def test_image_folder_probe_reads_train_and_val(ckpt, tmp_path):
     for split, n in (("train", 6), ("val", 3)):
