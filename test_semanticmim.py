@@ -129,8 +129,8 @@ def test_masks_have_exactly_nm_sorted_patches_per_image_disjoint_unless_independ
     assert keep.shape == (B, N - Nm) and all(len(set(m)) == Nm for m in mask.tolist())
     assert sum(len(set(k) & set(m)) for k, m in zip(keep.tolist(), mask.tolist())) > 0  # apart
 
-def test_the_masked_count_is_ceil_n_times_ratio_and_every_patch_as_likely_masked():
-    """The authors' counts: 52 of 64 at 0.8, 157 of 196 at 0.8, 79 of 196 at 0.4; uniform masks."""
+def test_masks_are_uniform_with_exactly_ceil_n_times_ratio_patches_the_authors_counts():
+    """52 of 64 at 0.8, 157 of 196 at 0.8, 79 of 196 at 0.4; each patch as often masked."""
     counts = [sm.Config(img_size=s, patch_size=p, mask_ratio=r).num_masked
               for s, p, r in ((32, 4, 0.8), (224, 16, 0.8), (224, 16, 0.4))]
     assert counts == [52, 157, 79] and masks(tiny(), 2)[1].shape == (2, 52)
@@ -374,8 +374,7 @@ def test_lr_schedule_and_parameter_groups():
     assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
 
-def test_the_lr_is_blr_times_the_global_batch_over_256_warmed_up_over_a_tenth_of_the_epochs(
-        runs):
+def test_the_lr_is_blr_times_the_global_batch_over_256_warmed_up_over_a_tenth_of_the_run(runs):
     """runs/sm: --blr 0.05, batch 16, 8 steps: peak 0.05 * 16 / 256, round(0.8) = 1 warm-up
     step; the optimizer holds the lr that the log reports."""
     log = train.read_log(runs / "sm" / "log.jsonl")
@@ -384,17 +383,32 @@ def test_the_lr_is_blr_times_the_global_batch_over_256_warmed_up_over_a_tenth_of
     groups = torch.load(runs / "sm" / "checkpoint.pt", weights_only=True)["optimizer"]
     assert [g["lr"] for g in groups["param_groups"]] == [log[-1]["lr"]] * 2
 
-def test_clip_bounds_the_norm_of_the_gradient_the_optimizer_applies():
-    """--clip c: the step sees the gradient scaled to norm c where its norm is above c."""
-    model, _, imgs, keep, mask = seeded()
-    opt, norms = torch.optim.SGD(model.parameters(), lr=1.0), []
-    opt.step = lambda: norms.append(float(torch.cat([p.grad.flatten() for p in
-                                                       model.parameters()]).norm()))
-    for clip in (0, 1e-3):                                 # 0: off
-        train.train_step(model, model, opt, torch.amp.GradScaler("cpu", enabled=False), imgs,
-                         keep, mask, None, clip)
+def test_clip_bounds_the_norm_of_the_gradient_the_optimizer_applies(tmp_path):
+    """--clip c: AdamW steps on the gradient scaled to norm c where its norm is above c."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    norms = []                                              # at every optimizer step
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: norms.append(float(torch.cat(
+        [p.grad.flatten() for g in opt.param_groups for p in g["params"]]).norm())))
+    try:
+        for clip in ("0", "1e-3"):                          # 0: off; the same first step
+            train.main(TINY_RUN + ["--clip", clip, "--stop-at", "1", "--out", str(tmp_path / clip)])
+    finally:
+        hook.remove()
     assert norms[0] > 1e-2 and norms[1] == pytest.approx(1e-3, rel=1e-4), norms
-    assert train.parse_args([]).clip == 0.02                # the authors' default: on
+
+def test_the_defaults_are_the_authors_settings():
+    """train.py on a folder: their ViT-B/16, lr 1.6e-3 at batch 2048, AdamW betas (0.9, 0.999),
+    wd 0.05, clip 0.02, cosine to 1e-6, crops of scale (0.5, 1), bf16 on a GPU only; probe.py:
+    AdamW lr 4e-3, wd 1e-4, batch 1024, 100 epochs; kNN k 20, T 0.07."""
+    a, p = train.parse_args(["--data", "x"]), probe.build_parser().parse_args(["c"])
+    assert sm.PRESETS[a.preset] == sm.Config(224, 16, 768, 12, 12, 4.0, 8, 0.8, "hog", False)
+    assert (a.dataset, a.blr * 2048 / 256, a.weight_decay, a.clip, a.min_lr, a.min_crop) == (
+        "imagefolder", pytest.approx(1.6e-3), 0.05, 0.02, 1e-6, 0.5)
+    assert train.make_optimizer(sm.SemanticMIM(tiny()), 1, 0).defaults["betas"] == (0.9, 0.999)
+    assert [train.resolve_amp("auto", torch.device(d)) for d in ("cpu", "cuda")] == [
+        "none", "bf16"]
+    assert (p.lr, p.weight_decay, p.probe_batch_size, p.epochs, p.k, p.temperature) == (
+        4e-3, 1e-4, 1024, 100, 20, 0.07)
 
 def test_batch_augmentation_crops_and_flips():
     x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
@@ -558,6 +572,25 @@ def test_ckpt_minutes_saves_at_the_first_progress_line_once_due(minutes, saved, 
                                "--out", str(out)])
     path = out / "checkpoint.pt"
     assert (torch.load(path, weights_only=True)["step"] if path.exists() else None) == saved
+
+def test_resume_cuts_the_log_back_to_the_checkpoints_step(tmp_path, monkeypatch):
+    """Killed in step 7: checkpoint at 4, log to 6; --resume logs 6 and 8 anew, 6 once."""
+    with monkeypatch.context() as m:
+        patch_forward(m, lambda n, loss: loss if n < 7 else mock.Mock(
+            side_effect=KeyboardInterrupt)())
+        with pytest.raises(KeyboardInterrupt):
+            train.main(TINY_RUN + ["--ckpt-every", "4", "--out", str(tmp_path)])
+    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2, 4, 6]
+    train.main(["--resume", "--out", str(tmp_path)])
+    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2, 4, 6, 8]
+
+def test_independent_mask_reaches_the_masks_of_every_step(tmp_path, monkeypatch):
+    """--independent-mask: every step draws its [MASK] set apart; the checkpoint keeps it."""
+    real, seen = sm.random_masking, []
+    monkeypatch.setattr(sm, "random_masking", lambda *a: seen.append(a[-1]) or real(*a))
+    train.main(TINY_RUN + ["--independent-mask", "--stop-at", "2", "--out", str(tmp_path)])
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert seen == [True, True] and saved["independent_mask"] is True
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     patch_forward(monkeypatch, lambda n, loss: loss * float("nan") if n > 6 else loss)
