@@ -134,12 +134,21 @@ def test_masks_have_exactly_nm_sorted_patches_per_image_disjoint_unless_independ
     keep, mask = sm.random_masking(B, N, Nm, torch.Generator().manual_seed(0), "cpu")
     assert keep.shape == (B, N - Nm) and mask.shape == (B, Nm)
     for k, m in zip(keep.tolist(), mask.tolist()):
-        assert set(k).isdisjoint(m) and sorted(k + m) == list(range(N)) and m == sorted(m)
+        assert set(k).isdisjoint(m) and sorted(k + m) == list(range(N))
+        assert k == sorted(k) and m == sorted(m)                # raster order, both
     assert len({tuple(m) for m in mask.tolist()}) == B          # every image its own mask
     assert torch.equal(masks(tiny(), B)[1], masks(tiny(), B)[1])  # the caller's seed decides
     keep, mask = sm.random_masking(B, N, Nm, torch.Generator().manual_seed(0), "cpu", True)
     assert keep.shape == (B, N - Nm) and all(len(set(m)) == Nm for m in mask.tolist())
     assert sum(len(set(k) & set(m)) for k, m in zip(keep.tolist(), mask.tolist())) > 0  # apart
+
+def test_masks_are_uniform_with_exactly_ceil_n_times_ratio_patches_the_authors_counts():
+    """52 of 64 at 0.8, 157 of 196 at 0.8, 79 of 196 at 0.4; each patch as often masked."""
+    counts = [sm.Config(img_size=s, patch_size=p, mask_ratio=r).num_masked
+              for s, p, r in ((32, 4, 0.8), (224, 16, 0.8), (224, 16, 0.4))]
+    assert counts == [52, 157, 79] and masks(tiny(), 2)[1].shape == (2, 52)
+    freq = masks(tiny(), 4000)[1].flatten().bincount(minlength=64) / 4000    # (N,), 52/64 each
+    assert (freq - 52 / 64).abs().max() < 0.03, freq
 
 def test_sdpa_path_equals_explicit_softmax_path_and_fused_equals_split():
     torch.manual_seed(0)
@@ -204,6 +213,24 @@ def test_img_and_proxy_tokens_never_see_mask_tokens(baseline):
         model.mask_token.add_(torch.randn_like(model.mask_token))
     assert all(torch.equal(x, y) for x, y in zip(before, main_outputs())) != baseline
 
+@pytest.mark.parametrize("baseline", [False, True])
+def test_every_token_enters_with_its_own_position_entry_mask_tokens_too(baseline):
+    """Inputs of the first block: [PROXY] k = proxy k + pos[k]; [IMG] and [MASK] at patch j get
+    pos[P + j] (the mask stream's; the baseline's one stream: [MASK] rows last)."""
+    model, cfg, imgs, keep, mask = seeded(baseline=baseline)
+    P, Nv, seen = cfg.num_proxies, keep.shape[1], []
+    first = [model.blocks[0]] + ([] if baseline else [model.mask_blocks[0]])
+    predict_with_hooks(model, imgs, keep, mask, [(b, lambda m, i, o: seen.append(i[0]))
+                                                 for b in first])
+    with torch.no_grad():
+        pos = model.pos_embed[0]                                        # (P+N, D)
+        img = sm.gather_tokens(model.patch_embed(sm.patchify(imgs, 4)), keep)  # (B, Nv, D)
+        want_mask = model.mask_token[0] + pos[P + mask]                  # (B, Nm, D)
+        torch.testing.assert_close(model.mask_tokens(mask), want_mask)
+        torch.testing.assert_close(seen[0][:, :P], (model.proxy + pos[:P]).expand(2, -1, -1))
+        torch.testing.assert_close(seen[0][:, P:P + Nv], img + pos[P + keep])
+        torch.testing.assert_close(seen[0][:, P + Nv:] if baseline else seen[1], want_mask)
+
 def test_mask_block_reads_the_proxies_output_by_the_main_block_of_the_same_depth():
     model, cfg, imgs, keep, mask = seeded(depth=3)
     P = cfg.num_proxies
@@ -231,6 +258,20 @@ def test_baseline_is_one_stream_with_the_same_main_stack():
     hooks = [(blk, lambda m, i, o: lengths.append(o[0].shape[1])) for blk in base.blocks]
     predict_with_hooks(base, torch.randn(2, 3, 32, 32), keep, mask, hooks)
     assert lengths == [cfg.num_proxies + keep.shape[1] + mask.shape[1]] * cfg.depth
+
+def test_initialisation_is_the_authors():
+    """trunc-normal std 0.02: positions, proxies, [MASK], every Linear weight; Linear biases 0;
+    LayerNorm 1 and 0, eps 1e-6 (the cifar preset: each tensor large enough to measure)."""
+    torch.manual_seed(0)
+    model = sm.SemanticMIM(sm.PRESETS["cifar"])
+    norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert len(norms) == 17 and all(model.get_submodule(n).eps == 1e-6 for n in norms)
+    for name, p in model.named_parameters():
+        module, _, kind = name.rpartition(".")
+        if module in norms or kind == "bias":
+            assert p.eq(float(module in norms and kind == "weight")).all(), name
+        else:                                          # smallest: [MASK], 128 values
+            assert abs(p.std() - 0.02) < 0.003 and abs(p.mean()) < 0.005, (name, p.std())
 
 def test_features_are_the_main_stack_on_all_patches_block_by_block():
     model, _, imgs, _, _ = seeded()
@@ -346,6 +387,42 @@ def test_lr_schedule_and_parameter_groups():
     assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
 
+def test_the_lr_is_blr_times_the_global_batch_over_256_warmed_up_over_a_tenth_of_the_run(runs):
+    """runs/sm: --blr 0.05, batch 16, 8 steps: peak 0.05 * 16 / 256, round(0.8) = 1 warm-up
+    step; the optimizer holds the lr that the log reports."""
+    log = train.read_log(runs / "sm" / "log.jsonl")
+    assert [r["lr"] for r in log] == pytest.approx(
+        [train.lr_at(s - 1, 8, 1, 0.05 * 16 / 256) for s in (2, 4, 6, 8)], rel=1e-12)
+    groups = torch.load(runs / "sm" / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert [g["lr"] for g in groups["param_groups"]] == [log[-1]["lr"]] * 2
+
+def test_clip_bounds_the_norm_of_the_gradient_the_optimizer_applies(tmp_path):
+    """--clip c: AdamW steps on the gradient scaled to norm c where its norm is above c."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    norms = []                                              # at every optimizer step
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: norms.append(float(torch.cat(
+        [p.grad.flatten() for g in opt.param_groups for p in g["params"]]).norm())))
+    try:
+        for clip in ("0", "1e-3"):                          # 0: off; the same first step
+            train.main(TINY_RUN + ["--clip", clip, "--stop-at", "1", "--out", str(tmp_path / clip)])
+    finally:
+        hook.remove()
+    assert norms[0] > 1e-2 and norms[1] == pytest.approx(1e-3, rel=1e-4), norms
+
+def test_the_defaults_are_the_authors_settings():
+    """train.py on a folder: their ViT-B/16, lr 1.6e-3 at batch 2048, AdamW betas (0.9, 0.999),
+    wd 0.05, clip 0.02, cosine to 1e-6, crops of scale (0.5, 1), bf16 on a GPU only; probe.py:
+    AdamW lr 4e-3, wd 1e-4, batch 1024, 100 epochs; kNN k 20, T 0.07."""
+    a, p = train.parse_args(["--data", "x"]), probe.build_parser().parse_args(["c"])
+    assert sm.PRESETS[a.preset] == sm.Config(224, 16, 768, 12, 12, 4.0, 8, 0.8, "hog", False)
+    assert (a.dataset, a.blr * 2048 / 256, a.weight_decay, a.clip, a.min_lr, a.min_crop) == (
+        "imagefolder", pytest.approx(1.6e-3), 0.05, 0.02, 1e-6, 0.5)
+    assert train.make_optimizer(sm.SemanticMIM(tiny()), 1, 0).defaults["betas"] == (0.9, 0.999)
+    assert [train.resolve_amp("auto", torch.device(d)) for d in ("cpu", "cuda")] == [
+        "none", "bf16"]
+    assert (p.lr, p.weight_decay, p.probe_batch_size, p.epochs, p.k, p.temperature) == (
+        4e-3, 1e-4, 1024, 100, 20, 0.07)
+
 def test_batch_augmentation_crops_and_flips():
     x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     whole = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9]] * 2)      # scale 1, ratio 1, centred, no flip
@@ -356,6 +433,17 @@ def test_batch_augmentation_crops_and_flips():
     out = train.augment(x, 32, torch.rand(2, 5))
     assert out.shape == (2, 1, 32, 32) and 0 <= out.min() and out.max() <= 1
     assert train.to_model_input(x, 32, (0.5,) * 3, (0.25,) * 3).shape == (2, 3, 32, 32)
+
+def test_every_epoch_visits_every_image_once_in_a_new_order(monkeypatch):
+    """The sampler is set to each epoch: another epoch, another order; the same epoch, the same
+    order (resume), and a start at batch 3 is that order from image 3 x 16 on."""
+    monkeypatch.setattr(train, "batches", lambda images, keys, *a: [i for _, i in keys])
+    args = train.parse_args(TINY_RUN)
+    steps, epoch = train.train_batches(args, train.build_config(args), 0, 1, torch.device("cpu"),
+                                       torch.Generator())
+    orders = [epoch(e, 0) for e in (0, 1, 2)]
+    assert steps == 8 and all(sorted(o) == list(range(128)) for o in orders)
+    assert len({tuple(o) for o in orders}) == 3 and epoch(1, 3) == orders[1][3 * 16:]
 
 def test_offline_fashion_mnist_reads_idx_files_and_no_network_names_the_offline_choices(
         tmp_path, monkeypatch):
@@ -517,6 +605,18 @@ def test_a_stopped_run_resumes_bitwise_to_the_uninterrupted_run(amp, stop, saved
     assert steps == sorted(set(steps)) and steps[-1] == 16      # no duplicated log lines
     assert signal.getsignal(signal.SIGTERM) is before            # handlers are restored
 
+def test_a_second_signal_aborts_at_once_and_saves_nothing(tmp_path, monkeypatch):
+    """Two SIGTERMs in step 3 (Ctrl-C twice): KeyboardInterrupt there, no save at step 4."""
+    def twice(n, loss):
+        for _ in range(2 if n == 3 else 0):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+    patch_forward(monkeypatch, twice)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TINY_RUN + ["--out", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "run.lock"]
+    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2]  # step 3 ended it
+
 @pytest.mark.parametrize("minutes,saved", [(0, None), (1e-9, 4)])
 def test_ckpt_minutes_saves_at_the_first_progress_line_once_due(minutes, saved, tmp_path,
                                                                  monkeypatch):
@@ -529,6 +629,25 @@ def test_ckpt_minutes_saves_at_the_first_progress_line_once_due(minutes, saved, 
                                "--out", str(out)])
     path = out / "checkpoint.pt"
     assert (torch.load(path, weights_only=True)["step"] if path.exists() else None) == saved
+
+def test_resume_cuts_the_log_back_to_the_checkpoints_step(tmp_path, monkeypatch):
+    """Killed in step 7: checkpoint at 4, log to 6; --resume logs 6 and 8 anew, 6 once."""
+    with monkeypatch.context() as m:
+        patch_forward(m, lambda n, loss: loss if n < 7 else mock.Mock(
+            side_effect=KeyboardInterrupt)())
+        with pytest.raises(KeyboardInterrupt):
+            train.main(TINY_RUN + ["--ckpt-every", "4", "--out", str(tmp_path)])
+    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2, 4, 6]
+    train.main(["--resume", "--out", str(tmp_path)])
+    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2, 4, 6, 8]
+
+def test_independent_mask_reaches_the_masks_of_every_step(tmp_path, monkeypatch):
+    """--independent-mask: every step draws its [MASK] set apart; the checkpoint keeps it."""
+    real, seen = sm.random_masking, []
+    monkeypatch.setattr(sm, "random_masking", lambda *a: seen.append(a[-1]) or real(*a))
+    train.main(TINY_RUN + ["--independent-mask", "--stop-at", "2", "--out", str(tmp_path)])
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert seen == [True, True] and saved["independent_mask"] is True
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     patch_forward(monkeypatch, lambda n, loss: loss * float("nan") if n > 6 else loss)
@@ -828,6 +947,12 @@ def bad_checkpoints(good, root):
                                                 torch.full((96, 32), float("nan"))}},
                              "holds non-finite weights (first: blocks.1.attn.qkv.weight): it "
                              "cannot be used; take an earlier checkpoint")}
+    for kind, name, value in (("one NaN", "blocks.0.mlp.0.bias", math.nan),   # among finite
+                              ("one infinity", "norm.weight", -math.inf)):
+        t = ckpt["model"][name].clone()
+        t[5] = value
+        cases[kind] = ({**ckpt, "model": {**ckpt["model"], name: t}},
+                       f"holds non-finite weights (first: {name})")
     for kind, (content, message) in cases.items():
         path = root / kind.replace(" ", "_") / "checkpoint.pt"
         path.parent.mkdir(parents=True)
@@ -879,6 +1004,19 @@ def test_linear_probe_learns_separable_features_and_not_random_labels():
                                   batch_size=256)
     assert acc(y) >= 0.98
     assert acc(y[torch.randperm(len(y), generator=g)]) < 0.45  # chance is 0.25
+
+def test_linear_probe_is_scored_on_the_test_split():
+    """Trained on one-hot-like features: 100% on test features of the same law, 0% on test
+    features moved one class on, chance when only the test labels are permuted."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(4, (600,), generator=g)
+    x = torch.nn.functional.one_hot(y, 4).float() + 0.1 * torch.randn(600, 4, generator=g)
+
+    def acc(test_f, test_y):
+        return probe.linear_probe(lambda e: x[:400], y[:400], test_f, test_y, 4, epochs=20,
+                                  batch_size=100)
+    assert acc(x[400:], y[400:]) == 1 and acc(x[400:].roll(1, 1), y[400:]) == 0
+    assert acc(x[400:], y[400:][torch.randperm(200, generator=g)]) < 0.45  # chance: 0.25
 
 def unit(*degrees):
     a = torch.tensor(degrees, dtype=torch.float64).deg2rad()
@@ -1002,6 +1140,17 @@ def test_two_gloo_processes_give_the_features_and_accuracies_of_one(ckpt, tmp_pa
     for name, (tr, te) in feats_one.items():
         assert torch.allclose(tr, feats_two[name][0], atol=1e-5)
         assert torch.allclose(te, feats_two[name][1], atol=1e-5)
+
+def test_augmented_probe_trains_each_epoch_on_new_crops(ckpt, tmp_path, monkeypatch):
+    """--augmented: the training features of epoch e are its own crops, the same on every call,
+    other than epoch e+1's and than the plain images'."""
+    seen = []
+    monkeypatch.setattr(probe, "linear_probe", lambda features_of_epoch, *a, **k: seen.extend(
+        features_of_epoch(e) for e in (0, 1, 0)) or 0.5)
+    _, feats = probe.main([ckpt, "--augmented", "--rows", "pixels", "--epochs", "2", "--out",
+                           str(tmp_path / "p.json")])
+    assert torch.equal(seen[0], seen[2]) and not torch.allclose(seen[0], seen[1], atol=0.1)
+    assert not torch.allclose(seen[0], feats["pixels", "pixels", None][0], atol=0.1)
 
 def test_image_folder_probe_reads_train_and_val(ckpt, tmp_path):
     for split, n in (("train", 6), ("val", 3)):
