@@ -411,15 +411,14 @@ def test_clip_bounds_the_norm_of_the_gradient_the_optimizer_applies(tmp_path):
 
 def test_the_defaults_are_the_authors_settings():
     """train.py on a folder: their ViT-B/16, lr 1.6e-3 at batch 2048, AdamW betas (0.9, 0.999),
-    wd 0.05, clip 0.02, cosine to 1e-6, crops of scale (0.5, 1), bf16 on a GPU only; probe.py:
+    wd 0.05, clip 0.02, cosine to 1e-6, crops of scale (0.5, 1), no autocast on a CPU; probe.py:
     AdamW lr 4e-3, wd 1e-4, batch 1024, 100 epochs; kNN k 20, T 0.07."""
     a, p = train.parse_args(["--data", "x"]), probe.build_parser().parse_args(["c"])
     assert sm.PRESETS[a.preset] == sm.Config(224, 16, 768, 12, 12, 4.0, 8, 0.8, "hog", False)
     assert (a.dataset, a.blr * 2048 / 256, a.weight_decay, a.clip, a.min_lr, a.min_crop) == (
         "imagefolder", pytest.approx(1.6e-3), 0.05, 0.02, 1e-6, 0.5)
     assert train.make_optimizer(sm.SemanticMIM(tiny()), 1, 0).defaults["betas"] == (0.9, 0.999)
-    assert [train.resolve_amp("auto", torch.device(d)) for d in ("cpu", "cuda")] == [
-        "none", "bf16"]
+    assert train.resolve_amp("auto", torch.device("cpu")) == "none"  # a GPU's: the cluster test
     assert (p.lr, p.weight_decay, p.probe_batch_size, p.epochs, p.k, p.temperature) == (
         4e-3, 1e-4, 1024, 100, 20, 0.07)
 
@@ -439,8 +438,8 @@ def test_every_epoch_visits_every_image_once_in_a_new_order(monkeypatch):
     order (resume), and a start at batch 3 is that order from image 3 x 16 on."""
     monkeypatch.setattr(train, "batches", lambda images, keys, *a: [i for _, i in keys])
     args = train.parse_args(TINY_RUN)
-    steps, epoch = train.train_batches(args, train.build_config(args), 0, 1, torch.device("cpu"),
-                                       torch.Generator())
+    steps, epoch, _ = train.train_batches(args, train.build_config(args), 0, 1,
+                                          torch.device("cpu"), torch.Generator())
     orders = [epoch(e, 0) for e in (0, 1, 2)]
     assert steps == 8 and all(sorted(o) == list(range(128)) for o in orders)
     assert len({tuple(o) for o in orders}) == 3 and epoch(1, 3) == orders[1][3 * 16:]
@@ -1127,9 +1126,9 @@ def test_two_gloo_processes_give_the_features_and_accuracies_of_one(ckpt, tmp_pa
     args = [ckpt, "--augmented", "--epochs", "3", "--batch-size", "24", "--pool", "proxy"]
     one, feats_one = probe.main(args + ["--out", str(tmp_path / "one.json")])
     script = tmp_path / "run_probe.py"                      # each rank saves its features
-    script.write_text(f"import os, sys, torch\nsys.path.insert(0, {os.path.dirname(probe.__file__)!r}"
-                      f")\nimport probe\nreport, feats = probe.main(sys.argv[1:])\ntorch.save("
-                      f"feats, {str(tmp_path)!r} + '/f' + os.environ['RANK'] + '.pt')\n")
+    script.write_text(f"import os, sys, torch\nsys.path.insert(0, {HERE!r})\nimport probe\n"
+                      f"report, feats = probe.main(sys.argv[1:])\ntorch.save(feats, "
+                      f"{str(tmp_path)!r} + '/f' + os.environ['RANK'] + '.pt')\n")
     r = torchrun(script, *args, "--out", tmp_path / "two.json")  # a hang fails, not waits
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.load(open(tmp_path / "two.json"))
