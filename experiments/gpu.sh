@@ -130,7 +130,7 @@ else verdict compile FAIL "$(tail -1 "$OUT/compile.txt")"; fi
 # probe: the folder run's checkpoint, features and classifiers on the device
 if python probe.py "$OUT/folder/checkpoint.pt" --device $DEV --epochs 5 --workers 4 \
     --out "$OUT/probe.json" > "$OUT/probe.txt" 2>&1; then
-  verdict probe OK "$(grep -m1 '^checkpoint' "$OUT/probe.txt")"
+  verdict probe OK "$(grep -m1 '^checkpoint patch' "$OUT/probe.txt")"
 else verdict probe FAIL "$(tail -1 "$OUT/probe.txt")"; fi
 
 printf '%s\n' "== summary ($(head -1 "$OUT/card.txt"))" "${verdicts[@]}" | tee "$OUT/summary.txt"
