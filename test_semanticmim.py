@@ -48,22 +48,21 @@ def run(script, *args, timeout=120, **kw):
                           capture_output=True, text=True, cwd=kw.pop("cwd", HERE), env=ENV,
                           timeout=timeout, **kw)
 
-def torchrun(script, *args, nproc=2, timeout=300):
-    """The same under torchrun with nproc Gloo processes (a rank that never exits fails it)."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", os.path.join(HERE, script),
-                           *map(str, args)], capture_output=True, text=True, cwd=HERE, env=ENV,
-                          timeout=timeout)
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+def torchrun(script, *args, timeout=300):
+    """The same under torchrun with 2 Gloo processes (a rank that never exits fails it)."""
+    return subprocess.run([*TORCHRUN, os.path.join(HERE, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=HERE, env=ENV, timeout=timeout)
 
 def start(argv, until, launcher=(sys.executable,)):
-    """A real process in its own process group (as torchrun starts a rank), read until a line
-    holding `until`: (the process, that line)."""
+    """A real process in its own process group (as torchrun starts a rank), read until it prints
+    a line holding `until`."""
     p = subprocess.Popen([*launcher, os.path.join(HERE, argv[0]), *map(str, argv[1:])], cwd=HERE,
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
-    line = next((ln for ln in p.stdout if until in ln), None)
-    assert line, p.stderr.read()
-    return p, line
+    assert any(until in line for line in p.stdout), p.stderr.read()
+    return p
 
 def patch_forward(monkeypatch, change):
     """SemanticMIM.forward returns change(n, loss) for the loss of its n-th call (1-based)."""
@@ -550,18 +549,12 @@ def test_on_a_cluster_workers_share_the_node_launch_lines_name_nodes_and_old_gpu
         assert train.resolve_amp("auto", torch.device("cuda")) == amp
 
 def test_under_torchrun_rank_0_downloads_the_data_set_before_the_others_read_it(monkeypatch):
-    events = []
-
-    class Downloaded:                                       # torchvision's CIFAR10, offline
-        def __init__(self, root, train, download):
-            events.append("load")
-            self.data, self.targets, self.classes = torch.zeros(2, 4, 4, 3), [0, 1], ["a", "b"]
-    monkeypatch.setattr(train.torchvision.datasets, "CIFAR10", Downloaded)
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(train.dist, "barrier", lambda: events.append("barrier"))
+    events, ds = [], mock.Mock(data=torch.zeros(2, 4, 4, 3), targets=[0, 1], classes=["a", "b"])
+    monkeypatch.setattr(train.torchvision.datasets, "CIFAR10",  # downloads and reads, offline
+                        lambda *a, **k: events.append("load") or ds)
     for rank, order in ((0, ["load", "barrier"]), (1, ["barrier", "load"])):
-        monkeypatch.setattr(train.dist, "get_rank", lambda: rank)
+        monkeypatch.setattr(train, "dist", mock.Mock(get_rank=lambda: rank, get_world_size=lambda:
+                            2, barrier=lambda: events.append("barrier")))  # and is_initialized
         events.clear(), train.load_split("cifar10", "data", "train", 32)
         assert events == order
 
@@ -767,9 +760,7 @@ def test_sigterm_with_image_folder_workers_saves_after_that_step_and_resumes(lau
     argv = ["train.py", "--data", tmp_path, "--preset", "cifar", "--dim", "32", "--depth", "1",
             "--heads", "2", "--batch-size", "16", "--workers", "2", "--epochs", "100",
             "--log-every", "1000", "--ckpt-minutes", "0", "--out", tmp_path / "run"]
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2") if launch == "torchrun" else (sys.executable,)
-    p, _ = start(argv, "training SemanticMIM", launcher)
+    p = start(argv, "training SemanticMIM", TORCHRUN if launch == "torchrun" else (sys.executable,))
     time.sleep(2)
     (os.kill if launch == "torchrun" else os.killpg)(p.pid, signal.SIGTERM)
     out, err = p.communicate(timeout=120)
@@ -781,7 +772,7 @@ def test_sigterm_with_image_folder_workers_saves_after_that_step_and_resumes(lau
 def test_ctrl_c_on_a_pipe_whose_reader_died_still_saves_without_a_traceback(tmp_path):
     """`python train.py | tee x`: Ctrl-C ends tee too, and every print after it hits a broken
     pipe; the run still saves after that step and exits 0."""
-    p, _ = start(["train.py", *TINY_RUN, "--epochs", "400", "--log-every", "1", "--out",
+    p = start(["train.py", *TINY_RUN, "--epochs", "400", "--log-every", "1", "--out",
                   tmp_path], "step 1/")
     p.stdout.close()                                        # the reader is gone
     p.send_signal(signal.SIGINT)
@@ -836,18 +827,16 @@ def test_the_training_step_makes_no_device_tensor_from_python_values_and_reads_n
         tmp_path, monkeypatch):
     """torch.tensor(..., device=) and .item()/.tolist() wait for a GPU: 8 and 16 steps with one
     progress line make as many such calls (the per-run ones), so none is per step."""
-    calls, tensor = [], torch.tensor
-    monkeypatch.setattr(torch, "tensor", lambda *a, **k: (
-        calls.append("device" in k), tensor(*a, **k))[1])
+    calls, tensor, counts = [], torch.tensor, []
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append("device" in k) or tensor(
+        *a, **k))
     for name in ("item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, lambda self, f=getattr(torch.Tensor, name): (
             calls.append(True), f(self))[1])
-    counts = []
     for n in (128, 256):
-        calls.clear()
         train.main(TINY_RUN + ["--synthetic-size", str(n), "--log-every", "100", "--out",
                                str(tmp_path / str(n))])
-        counts.append(sum(calls))
+        counts.append(sum(calls) - sum(counts))
     assert counts[0] == counts[1] > 0, counts
 
 def test_one_run_per_folder_while_its_run_lives_and_free_once_it_dies(tmp_path):
@@ -913,9 +902,8 @@ TRAIN_ERRORS = [([flag, v], FLAG.format(flag, v, rule)) for flag, v, rule in (
 @pytest.mark.parametrize("argv,message", TRAIN_ERRORS)
 def test_every_bad_train_input_is_one_line_and_writes_nothing(argv, message, ckpt, tmp_path,
                                                               capsys):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "weights").mkdir()
-    (tmp_path / "cuda").mkdir()
+    for folder in ("empty", "weights", "cuda"):
+        (tmp_path / folder).mkdir()
     saved = torch.load(ckpt, weights_only=True)
     torch.save({k: v for k, v in saved.items() if k in ("config", "model")},
                tmp_path / "weights" / "checkpoint.pt")
@@ -1174,7 +1162,7 @@ def test_the_raw_pixel_row_is_left_out_with_a_note_or_refused_above_its_memory_c
         " leave out pixels for this data set"))
 
 def test_ctrl_c_stops_probe_py_in_one_line_and_writes_no_report(ckpt, tmp_path):
-    p, _ = start(["probe.py", ckpt, "--epochs", "100000", "--out", tmp_path / "r.json"],
+    p = start(["probe.py", ckpt, "--epochs", "100000", "--out", tmp_path / "r.json"],
                  "checkpoint features, train: 128/128")
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=60) == 1 and p.stderr.read() == "stopped by Ctrl-C\n"
@@ -1635,18 +1623,16 @@ def test_every_link_of_the_readme_and_docs_reaches_a_file_and_its_heading():
     heading there (GitHub's anchor: lower case, punctuation dropped, spaces to hyphens)."""
     pages = ["README.md"] + [f"docs/{f}" for f in os.listdir(os.path.join(HERE, "docs"))
                              if f.endswith(".md")]
-    broken = []
+    read, broken = lambda path: open(os.path.join(HERE, path), encoding="utf-8").read(), []
     for page in pages:
-        text = open(os.path.join(HERE, page), encoding="utf-8").read()
-        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([\w-]+))?\)", text):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([\w-]+))?\)", read(page)):
             path = os.path.normpath(os.path.join(os.path.dirname(page), target)) if target else page
             if target.startswith("http"):
                 continue
             if not os.path.exists(os.path.join(HERE, path)):
                 broken.append(f"{page}: {target}")
             elif anchor and anchor not in [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(
-                    " ", "-") for h in re.findall(r"^#+ (.*)$", open(os.path.join(HERE, path),
-                                                                      encoding="utf-8").read(), re.M)]:
+                    " ", "-") for h in re.findall(r"^#+ (.*)$", read(path), re.M)]:
                 broken.append(f"{page}: {target}#{anchor}")
     assert len(pages) > 4 and broken == []
 

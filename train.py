@@ -369,10 +369,14 @@ def usable_workers(n, say=True):
     return min(n, cap)
 
 
+QUIET = {signal.SIGTERM, signal.SIGINT}  # for the training process alone: it saves, then exits
+
+
 def quiet_worker(_):
     """Workers live through the SIGTERM/SIGINT sent to the whole process group (by torchrun, a
-    scheduler, Ctrl-C): the training process still needs the step it saves after."""
-    for s in (signal.SIGTERM, signal.SIGINT):
+    scheduler, Ctrl-C): the training process still needs the step it saves after. They are
+    started with both blocked (a signal waits, not kills), then ignore them for good."""
+    for s in QUIET:
         signal.signal(s, signal.SIG_IGN)
 
 
@@ -391,7 +395,10 @@ def batches(images, keys, batch, device, size, mean, std, workers=0, draw=None, 
         loader = DataLoader(images, batch_size=batch, sampler=keys, num_workers=workers,
                             pin_memory=device.type == "cuda", collate_fn=collate_or_message,
                             worker_init_fn=quiet_worker)
-        for item in loader:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, QUIET)  # while the workers start
+        items = iter(loader)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)        # a signal meanwhile comes now
+        for item in items:
             if isinstance(item, str):
                 raise SystemExit(f"error: {item}: remove or replace that file, then run again")
             yield to_model_input(item[0].to(device, non_blocking=True), size, mean, std)

@@ -100,7 +100,8 @@ def bench_step(args, cfg, plain, device):
     def step():
         keep, mask = sm.random_masking(args.batch_size, cfg.num_patches, cfg.num_masked, gen,
                                        device, cfg.independent_mask)
-        return train.train_step(net, model, opt, scaler, imgs, keep, mask, amp_dtype, args.clip)
+        return train.train_step(net, model, opt, scaler, imgs, keep, mask, amp_dtype, args.clip,
+                                args.micro_batch or args.batch_size)  # in parts: --micro-batch
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -174,7 +175,7 @@ def bench_loader(args, cfg, device, batches=20):
     transfer to the device, as train.py feeds it; timed after the first batch (worker start)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    steps, batches_of = train.train_batches(args, cfg, 0, 1, device, gen)
+    steps, batches_of, _ = train.train_batches(args, cfg, 0, 1, device, gen)
     if steps < 2:
         raise SystemExit(f"error: the loader benchmark needs 2 batches of {args.batch_size} "
                          f"images but {args.dataset} gives {steps}: lower --batch-size")
