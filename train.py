@@ -461,9 +461,9 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}  # --
 
 def resolve_amp(amp, device):
     """--amp auto -> bf16 on a GPU that has it (fp16 on older ones: V100, T4), none on a CPU."""
-    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    return amp if amp != "auto" else "bf16" if native else "fp16" if device.type == "cuda" else \
-        "none"
+    if amp != "auto" or device.type != "cuda":
+        return "none" if amp == "auto" else amp
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 # ---- 5. Checkpoints: written atomically, read by one function with one-line errors ---------------
