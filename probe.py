@@ -159,6 +159,18 @@ def knn_predict(train_f, train_y, test_f, num_classes, k=20, temperature=0.07, c
 
 
 # ---- The encoder for timm: fine-tuning is done there ----------------------------------------
+# The authors' configs/maskfeat/maskfeat_cls_ft.py as flags of timm's own train.py (checked against
+# its tag v1.0.28 with timm 1.0.31): 8 GPUs x 256, 20 warm-up epochs from 1e-4 x the peak, then a
+# cosine over 80 more, per step; RandAugment 'timm_increasing'; head std and bias 2e-5; test crop
+# 224 of 256. timm's train.py drops --color-jitter under --aa (the authors keep both).
+AUTHORS_RECIPE = (
+    "-b 256 --opt adamw --lr 8e-3 --weight-decay 0.05 --layer-decay 0.65 --epochs 80 "
+    "--warmup-epochs 20 --warmup-prefix --sched cosine --sched-on-updates --warmup-lr 8e-7 "
+    "--min-lr 1e-6 --drop-path 0.1 --aa rand-m9-n2-mstd0.5-inc1 --color-jitter 0.4 --reprob 0.25 "
+    "--mixup 0.8 --cutmix 1.0 --smoothing 0.1 --head-init-scale 1e-3 --head-init-bias 2e-5 "
+    "--crop-pct 0.875 --interpolation bicubic --amp --amp-dtype bfloat16").split()
+
+
 def timm_kwargs(cfg):
     """timm VisionTransformer's arguments for the main stack: [PROXY] = register tokens with own
     position entries; 'avg' pool + fc_norm = the LayerNorm'd patch mean (the authors' ln2)."""
@@ -168,9 +180,10 @@ def timm_kwargs(cfg):
                 global_pool="avg", fc_norm=True)
 
 
-def export_timm(model, ckpt, path):
-    """The encoder for fine-tuning (--timm): the main stack under timm's names, a file
-    timm's VisionTransformer(**timm_kwargs, num_classes=0) loads strictly; print how to load it.
+def export_timm(model, ckpt, path, ckpt_path):
+    """The encoder for fine-tuning (--timm): the main stack under timm's names, a file timm's
+    VisionTransformer(**timm_kwargs, num_classes=0) loads strictly; print how to load it, and the
+    command of timm's train.py that fine-tunes it the authors' way.
     The patch Linear (D, p*p*3), in patchify's order, becomes the Conv2d (D, 3, p, p). Left out,
     pre-training only: [MASK] (its key makes timm read a DINOv2 file), mask stack, norm, head."""
     sd, p, D, S = model.state_dict(), model.cfg.patch_size, model.cfg.dim, model.cfg.img_size
@@ -182,14 +195,25 @@ def export_timm(model, ckpt, path):
               for k, v in sd.items() if k.startswith("blocks.")},
            "fc_norm.weight": torch.ones(D), "fc_norm.bias": torch.zeros(D)}  # the probe's LN
     train.write_atomic(path, lambda tmp: torch.save(out, tmp), "the timm file")
-    dataset = ckpt.get("args", {}).get("dataset", "imagefolder")
-    kw = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(model.cfg).items())
+    saved, kw = ckpt.get("args", {}), timm_kwargs(model.cfg)
+    dataset = saved.get("dataset", "imagefolder")
+    (mean, std), folder = train.MEAN_STD[dataset], dataset == "imagefolder"
+    C = len(ckpt.get("data", {}).get("classes", ())) or {"cifar100": 100, "imagefolder": 1000}.get(
+        dataset, 10)                                        # a folder's count, where recorded
+    line = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    command = shlex.join(  # timm's train.py passes global_pool=--gp itself: not a model kwarg
+        ["torchrun", "--nproc_per_node=8", "train.py", "--data-dir", saved.get("data", "DIR")
+         if folder else "IMAGE_FOLDER", "--val-split", "val", "--model", "vit_base_patch16_224",
+         "--pretrained", "--pretrained-path", path, "--num-classes", str(C), "--gp", "avg",
+         "--model-kwargs", *(f"{k}={v}" for k, v in kw.items() if k != "global_pool"),
+         "--input-size", "3", str(S), str(S), "--mean", *map(str, mean), "--std", *map(str, std),
+         *AUTHORS_RECIPE])
     print(f"wrote {path}, the encoder of step {ckpt.get('step')} for timm; with a new head:\n"
-          f"  model = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes="
-          f"{ {'cifar100': 100, 'imagefolder': 1000}.get(dataset, 10)}, drop_path_rate=0.1, {kw}"
-          f", pretrained_cfg_overlay=dict(file={path!r}, num_classes=0, mean="
-          f"{train.MEAN_STD[dataset][0]}, std={train.MEAN_STD[dataset][1]}, input_size=(3, {S}, "
-          f"{S})))\nfine-tune it the authors' way: experiments/finetune.py (docs/finetune.md)")
+          f"  model = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes={C}, "
+          f"drop_path_rate=0.1, {line}, pretrained_cfg_overlay=dict(file={path!r}, num_classes=0, "
+          f"mean={mean}, std={std}, input_size=(3, {S}, {S})))\nfine-tune it the authors' way "
+          f"with timm's own train.py (an image folder with train/ and val/; docs/finetune.md):\n  "
+          f"{command}\nor on a CPU: python experiments/finetune.py {shlex.quote(ckpt_path)}")
 
 
 # ---- Arguments and the run ----------------------------------------------------------------------
@@ -258,7 +282,7 @@ def load(args):
     if args.augmented and len(args.pool) * len(args.layer) > 1:
         raise SystemExit("error: --augmented recomputes the features every epoch: give one "
                          "--pool and one --layer")
-    if args.dataset == "imagefolder" and os.path.isdir(args.data):  # else load_split says so
+    if args.dataset == "imagefolder" and os.path.isdir(args.data) and not args.timm:
         if not all(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val")):
             raise SystemExit(f"error: the probe needs a held-out split: {args.data}/train and "
                              f"{args.data}/val, each with one sub-folder of images per class")
@@ -298,8 +322,9 @@ def main(argv=None):
     args, t0 = build_parser().parse_args(argv), time.time()
     model, ckpt = load(args)
     if args.timm:  # one file, written by rank 0 alone under torchrun
-        return export_timm(model, ckpt, args.timm) if os.environ.get("RANK", "0") == "0" \
-            else None, {}
+        if os.environ.get("RANK", "0") == "0":
+            export_timm(model, ckpt, args.timm, args.checkpoint)
+        return None, {}
     rank, world, device = train.setup_distributed(args.device)
     amp, S = torch.bfloat16 if args.amp == "bf16" else None, model.cfg.img_size
     train_y, train_batches = load_split(args, "train", S, rank, world, device)

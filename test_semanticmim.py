@@ -37,6 +37,7 @@ TINY = dict(img_size=32, patch_size=4, dim=32, depth=3, heads=2, num_proxies=4)
 TINY_RUN = ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "16", "--dim",
             "32", "--depth", "2", "--heads", "2", "--num-proxies", "4", "--log-every", "2",
             "--amp", "none"]
+FOLDER_RUN = ["--preset", "cifar", "--dim", "32", "--depth", "1", "--heads", "2"]  # + --data DIR
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def tiny(**kw):
@@ -56,8 +57,7 @@ def torchrun(script, *args, timeout=300):
                           capture_output=True, text=True, cwd=HERE, env=ENV, timeout=timeout)
 
 def start(argv, until, launcher=(sys.executable,)):
-    """A real process in its own process group (as torchrun starts a rank), read until it prints
-    a line holding `until`."""
+    """A real process in its own process group (as torchrun starts a rank), read until `until`."""
     p = subprocess.Popen([*launcher, os.path.join(HERE, argv[0]), *map(str, argv[1:])], cwd=HERE,
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
@@ -515,9 +515,8 @@ def test_image_folder_training_cuts_workers_to_the_cpus_and_stops_at_an_unreadab
     """--workers 64: a note, no PyTorch warning; a truncated file stops in one line, unused."""
     write_image_folder(tmp_path, "train", 8, lambda c, i: (40 * c + i, 90, 200))
     out, cpus = tmp_path / "run", len(os.sched_getaffinity(0))
-    argv = ["train.py", "--data", tmp_path, "--dim", "32", "--depth", "1", "--heads", "2",
-            "--preset", "cifar", "--batch-size", "8", "--workers", "64", "--epochs", "2",
-            "--log-every", "1", "--out", out]
+    argv = ["train.py", "--data", tmp_path, *FOLDER_RUN, "--batch-size", "8", "--workers", "64",
+            "--epochs", "2", "--log-every", "1", "--out", out]
     r = run(*argv, "--stop-at", "2")
     assert r.returncode == 0 and "worker" not in r.stderr, r.stderr
     assert f"note: --workers 64 is more than the {cpus} CPUs here: using {cpus}" in r.stdout
@@ -535,7 +534,7 @@ def test_image_folder_training_cuts_workers_to_the_cpus_and_stops_at_an_unreadab
     r = run(*argv, "--resume")
     assert r.returncode == 0 and "step 4/4" in r.stdout, r.stderr
 
-def test_on_a_cluster_workers_share_the_node_launch_lines_name_nodes_and_old_gpus_get_fp16(
+def test_on_a_cluster_workers_share_the_node_lines_name_nodes_v100s_get_fp16_rank_0_downloads(
         monkeypatch, capsys):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")             # torchrun's processes on this node
@@ -547,8 +546,7 @@ def test_on_a_cluster_workers_share_the_node_launch_lines_name_nodes_and_old_gpu
         monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                             lambda including_emulation=True: native or including_emulation)
         assert train.resolve_amp("auto", torch.device("cuda")) == amp
-
-def test_under_torchrun_rank_0_downloads_the_data_set_before_the_others_read_it(monkeypatch):
+    # under torchrun rank 0 downloads the data set, then the others read it
     events, ds = [], mock.Mock(data=torch.zeros(2, 4, 4, 3), targets=[0, 1], classes=["a", "b"])
     monkeypatch.setattr(train.torchvision.datasets, "CIFAR10",  # downloads and reads, offline
                         lambda *a, **k: events.append("load") or ds)
@@ -757,9 +755,8 @@ def test_sigterm_with_image_folder_workers_saves_after_that_step_and_resumes(lau
     """torchrun signals each rank's process group, a scheduler every process: the workers live
     on, the run saves after the step (no progress line due before the end), --resume goes on."""
     write_image_folder(tmp_path, "train", 32, lambda c, i: (100 * c + i, 90, 200))
-    argv = ["train.py", "--data", tmp_path, "--preset", "cifar", "--dim", "32", "--depth", "1",
-            "--heads", "2", "--batch-size", "16", "--workers", "2", "--epochs", "100",
-            "--log-every", "1000", "--ckpt-minutes", "0", "--out", tmp_path / "run"]
+    argv = ["train.py", "--data", tmp_path, *FOLDER_RUN, "--batch-size", "16", "--workers", "2",
+            "--epochs", "100", "--log-every", "1000", "--out", tmp_path / "run"]
     p = start(argv, "training SemanticMIM", TORCHRUN if launch == "torchrun" else (sys.executable,))
     time.sleep(2)
     (os.kill if launch == "torchrun" else os.killpg)(p.pid, signal.SIGTERM)
@@ -770,10 +767,9 @@ def test_sigterm_with_image_folder_workers_saves_after_that_step_and_resumes(lau
     assert r.returncode == 0 and f"stopped at step {step + 1}" in r.stdout, r.stderr
 
 def test_ctrl_c_on_a_pipe_whose_reader_died_still_saves_without_a_traceback(tmp_path):
-    """`python train.py | tee x`: Ctrl-C ends tee too, and every print after it hits a broken
-    pipe; the run still saves after that step and exits 0."""
-    p = start(["train.py", *TINY_RUN, "--epochs", "400", "--log-every", "1", "--out",
-                  tmp_path], "step 1/")
+    """`train.py | tee x`: Ctrl-C ends tee too, and a print to the broken pipe stops no save."""
+    p = start(["train.py", *TINY_RUN, "--epochs", "400", "--log-every", "1", "--out", tmp_path],
+              "step 1/")
     p.stdout.close()                                        # the reader is gone
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=60) == 0 and "Traceback" not in p.stderr.read()
@@ -782,10 +778,9 @@ def test_ctrl_c_on_a_pipe_whose_reader_died_still_saves_without_a_traceback(tmp_
 def test_resume_refuses_other_data_and_follows_the_same_images_to_another_path_bitwise(
         tmp_path, capsys):
     for name, ext in (("a", "png"), ("other", "bmp")):      # the same count and classes
-        write_image_folder(tmp_path / name, "train", 8, lambda c, i: (40 * c + i, 90, 200),
-                           ext=ext)
-    argv = ["--data", str(tmp_path / "a"), "--preset", "cifar", "--dim", "32", "--depth", "1",
-            "--heads", "2", "--batch-size", "8", "--workers", "0", "--epochs", "2", "--amp", "none"]
+        write_image_folder(tmp_path / name, "train", 8, lambda c, i: (40 * c + i, 9, 2), ext=ext)
+    argv = ["--data", str(tmp_path / "a"), *FOLDER_RUN, "--batch-size", "8", "--workers", "0",
+            "--epochs", "2", "--amp", "none"]
     out = tmp_path / "it's run"                             # the hint is shell-quoted
     train.main(argv + ["--out", str(tmp_path / "full")])
     train.main(argv + ["--out", str(out), "--stop-at", "2"])
@@ -825,8 +820,7 @@ def test_micro_batches_give_the_full_batch_run_and_may_change_on_resume(tmp_path
 
 def test_the_training_step_makes_no_device_tensor_from_python_values_and_reads_none_back(
         tmp_path, monkeypatch):
-    """torch.tensor(..., device=) and .item()/.tolist() wait for a GPU: 8 and 16 steps with one
-    progress line make as many such calls (the per-run ones), so none is per step."""
+    """torch.tensor(..., device=), .item(), .tolist() wait for a GPU: 8 or 16 steps, as many."""
     calls, tensor, counts = [], torch.tensor, []
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append("device" in k) or tensor(
         *a, **k))
@@ -1155,15 +1149,12 @@ def test_the_raw_pixel_row_is_left_out_with_a_note_or_refused_above_its_memory_c
     monkeypatch.setattr(probe, "PIXELS_GIB", 1e-3)          # 160 images x 3072 x 4 B: 1.8e-3
     report, _ = probe.main([ckpt, "--epochs", "1", "--out", str(tmp_path / "p.json")])
     assert [r["row"] for r in report["rows"]] == ["checkpoint", "random weights"]
-    assert "note: no raw-pixel row: it would hold 0.00183 GiB on one device" in \
-        capsys.readouterr().out
-    assert one_line(probe.main, [ckpt, "--rows", "pixels"], capsys) == (1, (
-        "error: --rows pixels would hold 0.00183 GiB of raw pixels on one device (at most 0.001):"
-        " leave out pixels for this data set"))
+    assert "note: no raw-pixel row: it would hold 0.00183 GiB on one" in capsys.readouterr().out
+    status, line = one_line(probe.main, [ckpt, "--rows", "pixels"], capsys)
+    assert status == 1 and line.startswith("error: --rows pixels would hold 0.00183 GiB of raw")
 
 def test_ctrl_c_stops_probe_py_in_one_line_and_writes_no_report(ckpt, tmp_path):
-    p = start(["probe.py", ckpt, "--epochs", "100000", "--out", tmp_path / "r.json"],
-                 "checkpoint features, train: 128/128")
+    p = start(["probe.py", ckpt, "--epochs", "100000", "--out", tmp_path / "r"], "train: 128/")
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=60) == 1 and p.stderr.read() == "stopped by Ctrl-C\n"
     assert os.listdir(tmp_path) == []
@@ -1182,9 +1173,9 @@ def test_more_workers_than_cpus_are_cut_with_a_note_and_no_pytorch_warning(
 @pytest.mark.parametrize("which", ["sm", "base", "random P 1", "random P 0"])
 def test_timm_export_loads_strictly_and_timm_computes_our_features_block_by_block(
         which, runs, tmp_path, capsys):
-    """probe.py --timm: timm's VisionTransformer loads the file strictly (no head), and the line
-    it prints builds a timm model with a new head whose features, pooled feature and every
-    block's patch outputs equal ours (trained SemanticMIM and baseline; random weights)."""
+    """probe.py --timm: timm's VisionTransformer loads the file strictly (no head); the line and
+    the train.py command it prints build a model with a new head whose features, pooled feature
+    and every block's patch outputs equal ours (trained SemanticMIM, baseline; random weights)."""
     import timm
     path = runs / which / "checkpoint.pt"
     if which.startswith("random"):                          # random weights, other shapes
@@ -1198,21 +1189,33 @@ def test_timm_export_loads_strictly_and_timm_computes_our_features_block_by_bloc
     probe.main([str(path), "--timm", str(file)])
     headless = timm.models.VisionTransformer(**probe.timm_kwargs(ours.cfg), num_classes=0)
     headless.load_state_dict(torch.load(file, weights_only=True), strict=True)
-    line = next(s for s in capsys.readouterr().out.splitlines() if "timm.create_model" in s)
-    model = eval(line.split("model = ")[1], {"timm": timm}).eval()  # the printed line, run
-    assert model.head.weight.shape == (10, ours.cfg.dim)    # a new head of the task's classes
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        outs, _ = ours.features(x)
-        f = model.forward_features(x)                       # (B, P+N, D)
-        blocks = model.forward_intermediates(x, intermediates_only=True, output_fmt="NLC")
-        close = dict(atol=1e-6, rtol=0)
-        torch.testing.assert_close(f, torch.cat(outs[-1], 1), **close)
-        torch.testing.assert_close(model.forward_head(f, pre_logits=True),
-                                   probe.layer_norm(outs[-1][1].mean(1)), **close)
-        for mine, theirs in zip(outs, blocks, strict=True):
-            torch.testing.assert_close(theirs, mine[1], **close)
-        assert model(x).shape == (3, 10)
+    lines, x = capsys.readouterr().out.splitlines(), torch.randn(3, 3, 32, 32)
+    line = next(s for s in lines if "timm.create_model" in s)
+    command = next(s for s in lines if s.startswith("  torchrun --nproc_per_node=8 train.py"))
+    p = argparse.ArgumentParser(allow_abbrev=False)  # as timm's train.py parses these flags
+    for flag, kind in (("--model", str), ("--pretrained-path", str), ("--gp", str),
+                       ("--num-classes", int), ("--drop-path", float)):
+        p.add_argument(flag, type=kind)
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=timm.utils.ParseKwargs)
+    a = p.parse_known_args(shlex.split(command)[3:])[0]     # after torchrun ... train.py
+    train_py = timm.create_model(  # its call (v1.0.28: lines 512-535, main: 543-565; no wheel)
+        a.model, pretrained=a.pretrained, in_chans=3, num_classes=a.num_classes, drop_rate=0.0,
+        drop_path_rate=a.drop_path, drop_block_rate=None, global_pool=a.gp, bn_momentum=None,
+        bn_eps=None, scriptable=False, checkpoint_path="", pretrained_cfg_overlay=dict(
+            file=a.pretrained_path, num_classes=-1), **a.model_kwargs)
+    for model in (eval(line.split("model = ")[1], {"timm": timm}), train_py):
+        assert model.eval().head.weight.shape == (10, ours.cfg.dim)  # a new head, 10 classes
+        with torch.no_grad():
+            outs, _ = ours.features(x)
+            f = model.forward_features(x)                   # (B, P+N, D)
+            blocks = model.forward_intermediates(x, intermediates_only=True, output_fmt="NLC")
+            close = dict(atol=1e-6, rtol=0)
+            torch.testing.assert_close(f, torch.cat(outs[-1], 1), **close)
+            torch.testing.assert_close(model.forward_head(f, pre_logits=True),
+                                       probe.layer_norm(outs[-1][1].mean(1)), **close)
+            for mine, theirs in zip(outs, blocks, strict=True):
+                torch.testing.assert_close(theirs, mine[1], **close)
 
 ARG = "error: argument {}: {} (see probe.py --help)"
 PROBE_ERRORS = [  # argv with {ckpt}, {tmp}, {noproxy} filled in; the one line or its start
@@ -1236,13 +1239,11 @@ PROBE_ERRORS = [  # argv with {ckpt}, {tmp}, {noproxy} filled in; the one line o
     (["{ckpt}", "--dataset", "imagefolder", "--data", "{tmp}/mixed"], "error: {tmp}/mixed/val "
      "has other classes than {tmp}/mixed/train (only in train: class1; only in val: class2): "
      "give both the same class folders"),  # labels are folder ranks: other folders mislabel
-    *[(["{ckpt}", flag, "{ckpt}"], "error: {ckpt} is the checkpoint being read (it would be "
-       "replaced): choose another path") for flag in ("--out", "--timm")],
-    *[(["{ckpt}", flag, "{tmp}/no/f"], "error: {tmp}/no/f cannot be written: {tmp}/no does not "
-       "exist: choose another path") for flag in ("--out", "--timm")],
-    (["{ckpt}", "--out", "{tmp}/noproxy.pt/r"], "error: {tmp}/noproxy.pt/r cannot be written: "
-                                                "{tmp}/noproxy.pt is a file: choose another path"),
-    (["{ckpt}", "--timm", "{tmp}/train"], "error: {tmp}/train is a folder: choose another path"),
+    *[(["{ckpt}", flag, path], "error: " + why) for flag in ("--out", "--timm") for path, why in (
+        ("{ckpt}", "{ckpt} is the checkpoint being read (it would be replaced): choose another"),
+        ("{tmp}/no/f", "{tmp}/no/f cannot be written: {tmp}/no does not exist: choose another"),
+        ("{tmp}/noproxy.pt/r", "{tmp}/noproxy.pt/r cannot be written: {tmp}/noproxy.pt is a file"),
+        ("{tmp}/train", "{tmp}/train is a folder: choose another path"))],
 ]
 
 @pytest.mark.parametrize("argv,message", PROBE_ERRORS)
@@ -1307,9 +1308,8 @@ def test_image_files_and_a_folders_val_split_are_resized_centre_cropped_and_clas
     for split, blue in (("train", 200), ("val", 100)):
         write_image_folder(tmp_path / "data", split, 4, lambda c, i: (40 * c + i, 90, blue))
     out = tmp_path / "run"
-    train.main(["--data", str(tmp_path / "data"), "--preset", "cifar", "--dim", "32", "--depth",
-                "1", "--heads", "2", "--batch-size", "8", "--workers", "0", "--amp", "none",
-                "--out", str(out)])
+    train.main(["--data", str(tmp_path / "data"), *FOLDER_RUN, "--batch-size", "8", "--workers",
+                "0", "--amp", "none", "--out", str(out)])
     args = torch.load(out / "checkpoint.pt", weights_only=True)["args"]
     raw = next(visualize.load_images(args, 32, indices=[0, 7])[1])     # 7: image 3 of class 1
     assert raw.shape == (2, 3, 32, 32)

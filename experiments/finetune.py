@@ -1,10 +1,12 @@
 """Fine-tune a train.py checkpoint's encoder with timm, the authors' recipe at any scale.
 
-configs/maskfeat/maskfeat_cls_ft.py: AdamW at lr 8e-3 per 2048 images, weight decay 0.05 (none on
-norms, biases, tokens, positions), layer-wise lr decay 0.65, a fifth of the epochs warm-up from
-1e-4 (20 of 100), then cosine to 1e-6; drop path 0.1; RandomResizedCrop + flip, RandAugment
-(2 ops, magnitude 9, std 0.5), ColorJitter 0.4, RandomErasing 0.25; Mixup 0.8 or CutMix 1.0 per
-batch, label smoothing 0.1; head trunc-normal std 2e-5; the feature is fc_norm of the patch mean.
+configs/maskfeat/maskfeat_cls_ft.py, to the letter: AdamW at lr 8e-3 per 2048 images, weight decay
+0.05 (none on norms, biases, tokens, positions), layer-wise lr decay 0.65; a linear warm-up from
+1e-4 x the peak over a fifth of the epochs (20 of 100), then a cosine to 1e-6 over the rest (80),
+per step; drop path 0.1; RandomResizedCrop + flip, RandAugment 'timm_increasing' (2 ops, magnitude
+9, std 0.5), ColorJitter 0.4, RandomErasing 0.25; Mixup 0.8 or CutMix 1.0 per batch, label
+smoothing 0.1; head trunc-normal std 2e-5, bias 2e-5; test: short edge 256/224 of the size, centre
+crop; the feature is fc_norm of the patch mean.
 The model is the file `probe.py --timm` writes, loaded as its printed line says; the data is the
 checkpoint's data set through torchvision. ImageNet on GPUs: timm's own train.py (docs/finetune.md).
 
@@ -39,9 +41,9 @@ def datasets(name, root, size, mean, std):
     rgb = transforms.Lambda(lambda im: im.convert("RGB"))   # Fashion-MNIST is grayscale
     aug = transforms_imagenet_train(size, scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4,
                                     force_color_jitter=True,  # timm drops it under RandAugment
-                                    auto_augment="rand-m9-n2-mstd0.5", interpolation="bicubic",
+                                    auto_augment="rand-m9-n2-mstd0.5-inc1", interpolation="bicubic",
                                     mean=mean, std=std, re_prob=0.25)
-    test = create_transform(size, crop_pct=1.0, interpolation="bicubic", mean=mean, std=std)
+    test = create_transform(size, crop_pct=224 / 256, interpolation="bicubic", mean=mean, std=std)
     tfs = (transforms.Compose([rgb, aug]), transforms.Compose([rgb, test]))
     if name == "imagefolder":
         return [torchvision.datasets.ImageFolder(os.path.join(root, s), tf)
@@ -74,7 +76,7 @@ def main():
     train_set, test_set = datasets(dataset, args.data or saved.get("data", "data"), S, mean, std)
     C, file = len(train_set.classes), os.path.join(os.path.dirname(args.checkpoint), "timm.pth")
     if not args.random:
-        probe.export_timm(encoder, ckpt, file)
+        probe.export_timm(encoder, ckpt, file, args.checkpoint)
 
     # the model: the exported encoder (or timm's init), a new head of std 2e-5
     torch.manual_seed(args.seed)  # and below, the shuffle; Mixup draws from numpy, RandAugment
@@ -84,15 +86,16 @@ def main():
                               drop_path_rate=0.1, **probe.timm_kwargs(encoder.cfg),
                               pretrained_cfg_overlay=dict(file=file, num_classes=0))
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
-    torch.nn.init.zeros_(model.head.bias)
+    torch.nn.init.constant_(model.head.bias, 2e-5)
     lr = args.lr * args.batch_size / 2048                   # the authors' linear scaling
     opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05, layer_decay=0.65)
     loader = torch.utils.data.DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers)
     test_loader = torch.utils.data.DataLoader(test_set, 512, num_workers=args.workers)
     steps = args.epochs * len(loader)
-    sched = CosineLRScheduler(opt, t_initial=steps, lr_min=1e-6, warmup_t=steps // 5,
-                              warmup_lr_init=1e-4 * args.batch_size / 2048, t_in_epochs=False)
+    warm = steps // 5                                       # then the cosine over the rest
+    sched = CosineLRScheduler(opt, t_initial=steps - warm, lr_min=1e-6, warmup_t=warm,
+                              warmup_lr_init=1e-4 * lr, warmup_prefix=True, t_in_epochs=False)
     mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=C)
     loss_fn, step, curve = SoftTargetCrossEntropy(), 0, []
 
