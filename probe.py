@@ -198,8 +198,8 @@ def export_timm(model, ckpt, path, ckpt_path):
     saved, kw = ckpt.get("args", {}), timm_kwargs(model.cfg)
     dataset = saved.get("dataset", "imagefolder")
     (mean, std), folder = train.MEAN_STD[dataset], dataset == "imagefolder"
-    C = len(ckpt.get("data", {}).get("classes", ())) or {"cifar100": 100, "imagefolder": 1000}.get(
-        dataset, 10)                                        # a folder's count, where recorded
+    classes = ckpt.get("data", {}).get("classes")            # recorded by train.py; else a guess
+    C = len(classes) if classes else {"cifar100": 100, "imagefolder": 1000}.get(dataset, 10)
     line = ", ".join(f"{k}={v!r}" for k, v in kw.items())
     command = shlex.join(  # timm's train.py passes global_pool=--gp itself: not a model kwarg
         ["torchrun", "--nproc_per_node=8", "train.py", "--data-dir", saved.get("data", "DIR")
