@@ -441,8 +441,8 @@ def train_step(net, model, opt, scaler, imgs, ids_keep, ids_mask, amp_dtype, cli
     DDP all-reduces once, after the last. Returns the loss (a 0-dim tensor, not synchronised)."""
     opt.zero_grad(set_to_none=True)
     parts, total = range(0, len(imgs), micro), 0
+    no_sync = getattr(net, "no_sync", contextlib.nullcontext)  # DDP's; a plain model has none
     for i in parts:
-        no_sync = getattr(net, "no_sync", contextlib.nullcontext)  # DDP's; a plain model has none
         with contextlib.nullcontext() if i == parts[-1] else no_sync():
             with torch.autocast(imgs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = net(imgs[i:i + micro], ids_keep[i:i + micro], ids_mask[i:i + micro])
