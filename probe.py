@@ -1,15 +1,19 @@
-"""Frozen-feature evaluation of a train.py checkpoint: linear-probe and kNN top-1.
+"""Frozen-feature evaluation of a train.py checkpoint: linear-probe and kNN top-1, dense mIoU.
 
-Beside the same network at its random initial weights and the raw pixels, the authors' protocol
-(configs/maskfeat/maskfeat_cls_linear_probing.py): a linear classifier on the LayerNorm'd mean of
-a block's patch tokens (or proxies, or both), once or (--augmented) per epoch of crops; DINO's kNN.
+Beside the same network at its random initial weights and the raw pixels, the authors' protocols:
+configs/maskfeat/maskfeat_cls_linear_probing.py, a linear classifier on the LayerNorm'd mean of a
+block's patch tokens (or proxies, or both), once or (--augmented) per epoch of crops, and DINO's
+kNN; with --dense, seg_linear_probing.py, a 1x1 convolution on the map of a block's patch tokens
+that labels every pixel, of VOC 2012 or of Fashion-MNIST garments (one, or a 2x2 mosaic of four).
 
     python probe.py out/checkpoint.pt                    # its own data set, last block, patch mean
     python probe.py out/checkpoint.pt --pool patch proxy both --layer all --rows checkpoint
+    python probe.py out/checkpoint.pt --dense mosaic --layer all   # or single; voc --data ROOT
     torchrun --nproc_per_node=8 probe.py run/checkpoint.pt --augmented --rows checkpoint random
 """
 import argparse
 import copy
+import math
 import os
 import shlex
 import sys
@@ -18,12 +22,18 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
 
 import semanticmim as sm
 import train
 
 ROWS = {"checkpoint": "checkpoint", "random": "random weights", "pixels": "raw pixels"}
+TEXT = {"linear_top1": "linear", "knn_top1": "kNN", "miou": "mIoU", "pixel_acc": "pixel accuracy"}
 PIXELS_GIB = 8  # the raw-pixel row holds every image's pixels on rank 0's device: CIFAR-sized only
+IGNORE, DENSE_TRAIN = 255, 10_000  # VOC's unlabelled boundary; garment training images (~VOC aug)
+VOC = ("background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse "
+       "motorbike person pottedplant sheep sofa train tvmonitor").split()
 
 
 # ---- Data: one split's labels and this rank's shard of its normalised images -------------------
@@ -32,11 +42,47 @@ def shard(n, rank, world):
     return range(n * rank // world, n * (rank + 1) // world)
 
 
+def dense_split(args, split, S):
+    """--dense data at the model's size S: images uint8 (n, C, S, S), label maps uint8 (n, S, S),
+    class names. VOC 2012's train or val, image and mask squashed to S x S (the authors' val
+    transform); or an in-memory set's images, labelled c + 1 where an image of class c is
+    foreground, 0 (background) elsewhere: one per image ('single'), or four of four classes at half
+    size in the quarters of a 2x2 mosaic ('mosaic'). Training images: the first DENSE_TRAIN."""
+    if args.dense == "voc":  # VOC's own train split: SBD's train_aug (the authors') is not read
+        ds = torchvision.datasets.VOCSegmentation(args.data, "2012", split.replace("test", "val"))
+        size = lambda im, how: v2.functional.resize(v2.functional.pil_to_tensor(im), [S, S], how)
+        x, m = zip(*[(size(im.convert("RGB"), v2.InterpolationMode.BICUBIC),
+                      size(mask, v2.InterpolationMode.NEAREST)[0]) for im, mask in ds])
+        x, m = torch.stack(x), torch.stack(m)               # (n, 3, S, S), (n, S, S)
+        wrong = (m >= len(VOC)) & (m != IGNORE)             # (n, S, S)
+        if wrong.any():
+            raise SystemExit(f"error: {ds.masks[wrong.flatten(1).any(1).nonzero()[0, 0]]} holds "
+                             f"label {m[wrong][0]}, not one of VOC's {len(VOC)} classes or "
+                             f"{IGNORE}: replace that mask")
+        return x, m, VOC
+    images, labels, names = train.load_split(args.dataset, args.data, split, S,
+                                             args.synthetic_size, seed=args.seed)
+    n, half = min(len(labels), DENSE_TRAIN if split == "train" else len(labels)), args.dense != "single"
+    x = train.to_model_input(images[:n], S // (1 + half), (0,) * 3, (1,) * 3)  # (n, 3, s, s) 0..1
+    m = (x.mean(1) > train.FOREGROUND_THRESHOLD[args.dataset]) * (labels[:n, None, None] + 1)
+    if half:  # mosaic i: quarters idx[0..3][i], four images of four classes
+        g, idx = torch.Generator().manual_seed(int(split == "train")), [torch.arange(n)]
+        while len(idx) < 4:
+            j = torch.randint(n, (n,), generator=g)         # (n,): redrawn where a class repeats
+            while (clash := sum(labels[j] == labels[i] for i in idx) > 0).any():
+                j[clash] = torch.randint(n, (int(clash.sum()),), generator=g)
+            idx.append(j)
+        x, m = (torch.cat([torch.cat([t[idx[0]], t[idx[1]]], -1),
+                           torch.cat([t[idx[2]], t[idx[3]]], -1)], -2) for t in (x, m))  # S x S
+    return (x * 255).round().byte(), m.byte(), ["background", *names]
+
+
 def load_split(args, split, size, rank, world, device):
-    """(labels (n,), batches(epoch, augment)) yielding this rank's shard in order (B, 3, size,
-    size), crops and flips drawn from (seed, epoch, image) alone: N processes = 1."""
-    images, labels, _ = train.load_split(args.dataset, args.data, split, size,
-                                         args.synthetic_size, seed=args.seed)
+    """(labels (n,) or --dense label maps (n, S, S), class names, batches(epoch, augment) yielding
+    this rank's shard in order (B, 3, size, size), maps(epoch) the label maps cropped and flipped
+    as batches(epoch, True) crops them), crops and flips from (seed, epoch, image): N procs = 1."""
+    images, labels, names = (dense_split(args, split, size) if args.dense else train.load_split(
+        args.dataset, args.data, split, size, args.synthetic_size, seed=args.seed))
     n, (mean, std) = len(labels), train.MEAN_STD[args.dataset]
     if n < world:
         raise SystemExit(f"error: {n} images cannot be split over {world} processes")
@@ -45,15 +91,21 @@ def load_split(args, split, size, rank, world, device):
         crops = copy.copy(images)
         crops.transform = train.folder_transform(size, True, args.min_crop)
 
+    def draws(epoch):  # in memory: crops and flips from the split's draws, (n, 5) one per image
+        return torch.rand(n, 5, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+
     def batches(epoch, augment):
         keys, draw = [(epoch, i) for i in shard(n, rank, world)], None
-        if augment and crops is images:  # in memory: crops and flips from the split's draws
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
-            r = torch.rand(n, 5, generator=g)               # (n, 5): one row per image
+        if augment and crops is images:
+            r = draws(epoch)
             draw = lambda idx: r[idx.cpu()].to(device)      # noqa: E731  (B, 5): its images'
         return train.batches(crops if augment else images, keys, args.batch_size, device, size,
                              mean, std, args.workers, draw, args.min_crop)
-    return labels, batches
+
+    def maps(epoch):  # (n, S, S): the same crops, by nearest neighbour
+        crops = train.augment(labels[:, None], size, draws(epoch), args.min_crop, "nearest")
+        return (crops * 255).round()[:, 0]
+    return labels, names, batches, maps
 
 
 # ---- Features: pooled and LayerNorm'd, extracted per shard and gathered in data-set order -------
@@ -64,14 +116,16 @@ def layer_norm(x):
 
 def pool_features(model, imgs, layers, pools):
     """Images (B, 3, S, S) -> {(pool, layer): LayerNorm'd mean of the layer's patch outputs (B, D),
-    proxies (B, D), or for 'both' the two, patch part first (B, 2D)}, from one pass."""
+    proxies (B, D), or for 'both' the two, patch part first (B, 2D); for 'map' (--dense) the patch
+    outputs themselves (B, N*D), unnormalised as the authors' (no final norm)}, from one pass."""
     outs, _ = model.features(imgs, max(layers))             # per block: (B, P, D), (B, N, D)
     feats = {}
     for layer in layers:
         proxy, patch = outs[layer - 1]                      # (B, P, D), (B, N, D)
         for pool in pools:
-            parts = {"patch": [patch], "proxy": [proxy], "both": [patch, proxy]}[pool]
-            feats[pool, layer] = torch.cat([layer_norm(t.mean(1)) for t in parts], 1)  # (B, F)
+            parts = {"patch": [patch], "proxy": [proxy], "both": [patch, proxy], "map": []}[pool]
+            feats[pool, layer] = patch.flatten(1) if pool == "map" else torch.cat(
+                [layer_norm(t.mean(1)) for t in parts], 1)  # (B, F)
     return feats
 
 
@@ -116,31 +170,67 @@ def extract(fn, batches, n, world, device, amp=None, what=None):
     return out
 
 
-# ---- Classifiers: a linear probe and DINO's weighted kNN ----------------------------------------
-def linear_probe(features_of_epoch, train_y, test_f, test_y, num_classes, epochs=100, lr=4e-3,
-                 weight_decay=1e-4, batch_size=1024, seed=0, what=None):
-    """The test top-1 of a linear classifier (zero init: convex) trained with AdamW, per-step
-    cosine, on features_of_epoch(epoch) (n, F). With `what`, progress lines of the epochs."""
-    g = torch.Generator().manual_seed(seed)
-    n, steps = len(train_y), -(-len(train_y) // batch_size)  # steps per epoch
-    head = torch.nn.Linear(test_f.shape[1], num_classes, device=test_f.device)
+# ---- Classifiers: a linear head, per image or (--dense) per pixel, and DINO's weighted kNN -----
+def fit_head(features_of_epoch, targets_of_epoch, test_f, test_y, num_classes, epochs, lr,
+             weight_decay, batch_size, seed=0, dim=None, what=None):
+    """The test confusion matrix (C, C), counts of (label, prediction), of a linear head trained on
+    features_of_epoch(e) and targets_of_epoch(e). Per image (dim None; maskfeat_cls_linear_probing
+    .py): features (n, F), labels (n,); zero init (convex), AdamW, per-step cosine. Per pixel (dim D;
+    seg_linear_probing.py): maps (n, h*w*D) of D-dim features, label maps (n, S, S); a 1x1 conv,
+    weights N(0, 0.01^2), bias 0, its logits bilinearly upsampled to the label map; IGNORE pixels
+    neither trained nor scored; SGD, momentum 0.9, lr x 0.1 after 2/5 and 4/5 of the epochs (their
+    StepLR, 10 of 25). With `what`, progress lines of the epochs."""
+    g, dev, C, ignore = torch.Generator().manual_seed(seed), test_f.device, num_classes, -100
+    head = torch.nn.Linear(dim or test_f.shape[1], C, device=dev)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    if dim:  # the authors' head and optimiser
+        head.weight.data = (0.01 * torch.randn(head.weight.shape, generator=g)).to(dev)
+        opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, weight_decay=weight_decay)
+        ignore = IGNORE
     update = progress(what, epochs, "epochs") if what else lambda done: None
+
+    def logits(f):  # (b, F) -> (b, C); per pixel (b, h*w*D) -> (b, C, S, S): the head on each
+        if not dim:  # patch, then upsampled. The authors upsample first: the same (both are
+            return head(f)  # linear, bilinear weights sum to 1), here at C/D of the cost
+        b, h, S = len(f), math.isqrt(f.shape[1] // dim), test_y.shape[-1]
+        z = head(f.view(b, h * h, dim)).transpose(1, 2).reshape(b, C, h, h)  # (b, C, h, w)
+        return F.interpolate(z, size=(S, S), mode="bilinear", align_corners=False)
     for epoch in range(epochs):
-        feats, y = features_of_epoch(epoch), train_y.to(test_f.device)  # (n, F), (n,)
-        order = torch.randperm(n, generator=g).to(test_f.device)  # (n,)
+        feats, y = features_of_epoch(epoch), targets_of_epoch(epoch).to(dev).long()  # (n, F), (n,)
+        order, steps = torch.randperm(len(y), generator=g).to(dev), -(-len(y) // batch_size)
         for i in range(steps):
-            opt.param_groups[0]["lr"] = train.lr_at(epoch * steps + i, epochs * steps, 0, lr, 0.0)
+            opt.param_groups[0]["lr"] = (lr * 0.1 ** (epoch * 5 // (2 * epochs)) if dim else
+                                         train.lr_at(epoch * steps + i, epochs * steps, 0, lr, 0.0))
             idx = order[i * batch_size:(i + 1) * batch_size]  # (b,)
-            loss = F.cross_entropy(head(feats[idx]), y[idx])
+            loss = F.cross_entropy(logits(feats[idx]), y[idx], ignore_index=ignore,
+                                   reduction="sum") / (y[idx] != ignore).sum().clamp(min=1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         update(epoch + 1)
-    with torch.no_grad():
-        pred = head(test_f).argmax(1)                       # (m,)
-    return (pred == test_y.to(pred.device)).float().mean().item()
+    with torch.no_grad():  # in chunks: per pixel (b, C, S, S) logits each
+        return sum(confusion(test_y[s:s + 256].to(dev).long(), logits(test_f[s:s + 256]).argmax(1),
+                             C, ignore) for s in range(0, len(test_f), 256))
+
+
+def confusion(y, pred, num_classes, ignore=IGNORE):
+    """(C, C) counts of (label, prediction) of the images or pixels whose label is not `ignore`."""
+    keep = y != ignore                                      # (b[, S, S])
+    C = num_classes
+    return torch.bincount(C * y[keep] + pred[keep], minlength=C * C).view(C, C)
+
+
+def scores(conf, names, dense):
+    """Confusion (C, C) -> top-1; --dense: mean IoU over the classes in the labels (the authors'
+    StreamSegMetrics averages all C: the same where each occurs, as in VOC val), IoU per class,
+    pixel accuracy."""
+    conf = conf.double()
+    tp, labelled = conf.diag(), conf.sum(1)                 # (C,), (C,)
+    iou = tp / (labelled + conf.sum(0) - tp).clamp(min=1)   # (C,)
+    acc = (tp.sum() / conf.sum()).item()
+    return {"miou": iou[labelled > 0].mean().item(), "pixel_acc": acc, "class_iou": dict(
+        zip(names, iou.tolist()))} if dense else {"linear_top1": acc}
 
 
 @torch.no_grad()
@@ -239,13 +329,15 @@ def build_parser():
         help="main blocks, 1..depth, or 'all' (None: the last; one pass for all)")
     add("--rows", nargs="+", choices=tuple(ROWS), help="the checkpoint, the same network at its "
         f"initial weights, the raw pixels (None: all; the pixels only up to {PIXELS_GIB} GiB)")
-    add("--epochs", type=train.COUNT, default=100, help="linear classifier epochs")
-    add("--lr", type=train.POSITIVE, default=4e-3, help="the authors' at batch 1024")
+    add("--dense", choices=("single", "mosaic", "voc"), help="label pixels, not images: one "
+        "garment an image, a 2x2 mosaic of four (Fashion-MNIST style), or VOC 2012 (--data ROOT)")
+    add("--epochs", type=train.COUNT, help="classifier epochs (None: 100; --dense 25)")
+    add("--lr", type=train.POSITIVE, help="None: 4e-3 (batch 1024); --dense 0.01 per 60 images")
     add("--weight-decay", type=train.NONNEGATIVE, default=1e-4)
-    add("--probe-batch-size", type=train.COUNT, default=1024, help="linear classifier batch")
+    add("--probe-batch-size", type=train.COUNT, help="classifier batch (None: 1024; --dense 60)")
     add("--augmented", action="store_true", help="the authors' protocol: training features "
-        "recomputed every epoch from RandomResizedCrop + flip images")
-    add("--min-crop", type=train.FRACTION, default=0.08, help="--augmented crop scale minimum")
+        "recomputed every epoch from RandomResizedCrop + flip images (and --dense label maps)")
+    add("--min-crop", type=train.FRACTION, help="--augmented crop scale (None: 0.08; --dense 0.8)")
     add("--k", type=train.COUNT, default=20, help="kNN neighbours")
     add("--temperature", type=train.POSITIVE, default=0.07, help="kNN temperature")
     add("--batch-size", type=train.COUNT, default=256, help="feature-extraction batch per process")
@@ -269,6 +361,9 @@ def load(args):
     elif args.data is None and args.dataset == "imagefolder":
         raise SystemExit("error: --dataset imagefolder needs --data DIR")
     args.data, args.pool = args.data or "data", list(dict.fromkeys(args.pool))  # each pool once
+    for k, v in dict(epochs=(100, 25), probe_batch_size=(1024, 60), min_crop=(0.08, 0.8)).items():
+        setattr(args, k, getattr(args, k) or v[bool(args.dense)])
+    args.lr = args.lr or (0.01 * args.probe_batch_size / 60 if args.dense else 4e-3)
     args.synthetic_size = args.synthetic_size or saved.get("synthetic_size", 1024)
     layers = args.layer or [cfg.depth]
     args.layer = sorted(set(range(1, cfg.depth + 1) if "all" in layers else layers))
@@ -276,19 +371,34 @@ def load(args):
     if bad:
         raise SystemExit(f"error: --layer {bad[0]} does not exist: this checkpoint has main "
                          f"blocks 1..{cfg.depth}")
+    seg, p = os.path.join(args.data, "VOCdevkit", "VOC2012", "SegmentationClass"), cfg.patch_size
+    for bad, message in (  # --dense: the data fits the checkpoint
+            (args.dense and args.pool != ["patch"], "--dense probes the map of patch tokens: "
+             "leave out --pool"),
+            (args.dense == "voc" and not os.path.isdir(seg), f"no folder {seg}: pass --data ROOT "
+             f"holding VOC 2012 as torchvision's VOCSegmentation reads it (ROOT/VOCdevkit/...)"),
+            (args.dense in ("single", "mosaic") and args.dataset not in train.FOREGROUND_THRESHOLD,
+             f"--dense {args.dense} labels garments on a black background, not {args.dataset} "
+             f"images: use a fashion_mnist checkpoint or --dataset fashion_mnist, or --dense voc"),
+            (args.dense == "mosaic" and cfg.img_size % (2 * p), f"--dense mosaic puts a garment "
+             f"in each quarter: image size {cfg.img_size} does not halve into {p}-pixel patches")):
+        if bad:
+            raise SystemExit(f"error: {message}")
+    args.pool = ["map"] if args.dense else args.pool
     if args.pool != ["patch"] and cfg.num_proxies == 0:
         raise SystemExit(f"error: --pool {' '.join(args.pool)} needs proxies, but this "
                          f"checkpoint has none (num_proxies 0): use --pool patch")
     if args.augmented and len(args.pool) * len(args.layer) > 1:
         raise SystemExit("error: --augmented recomputes the features every epoch: give one "
                          "--pool and one --layer")
-    if args.dataset == "imagefolder" and os.path.isdir(args.data) and not args.timm:
+    if args.dataset == "imagefolder" and os.path.isdir(args.data) and not (args.timm or args.dense):
         if not all(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val")):
             raise SystemExit(f"error: the probe needs a held-out split: {args.data}/train and "
                              f"{args.data}/val, each with one sub-folder of images per class")
         args.workers = train.usable_workers(args.workers, say=os.environ.get("RANK", "0") == "0")
     all_ = len(args.layer) == cfg.depth > 1
-    name = (f"probe_{'-'.join(args.pool)}_L{'all' if all_ else '-'.join(map(str, args.layer))}"
+    name = (f"probe_{'dense-' + args.dense if args.dense else '-'.join(args.pool)}_L"
+            f"{'all' if all_ else '-'.join(map(str, args.layer))}"
             f"{'_' + args.dataset if args.dataset != saved.get('dataset') else ''}"
             f"{'_aug' if args.augmented else ''}.json")
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name)
@@ -304,14 +414,16 @@ def write_report(args, argv, ckpt, world, device, sizes, num_classes, results, t
               "config": ckpt["config"], "dataset": args.dataset, "data": args.data,
               "train_images": sizes[0], "test_images": sizes[1], "num_classes": num_classes,
               **one, **{k: getattr(args, k) for k in (
-                  "augmented", "epochs", "lr", "weight_decay", "probe_batch_size", "k",
-                  "temperature", "seed")},
+                  "dense", "augmented", "min_crop", "epochs", "lr", "weight_decay",
+                  "probe_batch_size", "k", "temperature", "seed")},
               "processes": world, "device": str(device), "rows": results,
               "wall_time_s": round(time.time() - t0, 2)}
     train.write_json(args.out, report)
-    print(f"probe of {args.checkpoint} (step {report['step']}) on {args.dataset}: {sizes[0]} "
-          f"train / {sizes[1]} test images, {args.epochs} epochs{' augmented' * args.augmented}"
-          f", kNN k={args.k}: wrote {args.out} ({report['wall_time_s']:.1f} s)\ncommand: "
+    what = f" --dense {args.dense}" if args.dense else ""
+    print(f"probe of {args.checkpoint} (step {report['step']}) on {args.dataset}{what}: "
+          f"{sizes[0]} train / {sizes[1]} test images, {args.epochs} epochs"
+          f"{' augmented' * args.augmented}{'' if what else f', kNN k={args.k}'}: wrote "
+          f"{args.out} ({report['wall_time_s']:.1f} s)\ncommand: "
           f"{report['command']}")
     return report
 
@@ -327,9 +439,11 @@ def main(argv=None):
         return None, {}
     rank, world, device = train.setup_distributed(args.device)
     amp, S = torch.bfloat16 if args.amp == "bf16" else None, model.cfg.img_size
-    train_y, train_batches = load_split(args, "train", S, rank, world, device)
-    test_y, test_batches = load_split(args, "test", S, rank, world, device)
-    C = int(max(train_y.max(), test_y.max())) + 1           # classes
+    train_y, names, train_batches, train_maps = load_split(args, "train", S, rank, world, device)
+    test_y, _, test_batches, _ = load_split(args, "test", S, rank, world, device)
+    C, p = len(names), model.cfg.patch_size                 # classes (--dense: with background)
+    kind, dims = "dense" if args.dense else "linear", lambda f: (  # --dense: per patch
+        f.shape[1] * p ** 2 // S ** 2 if args.dense else f.shape[1])
     gib = (len(train_y) + len(test_y)) * 3 * S * S * 4 / 2 ** 30  # the raw-pixel row, float32
     if gib > PIXELS_GIB and "pixels" in (args.rows or []):
         raise SystemExit(f"error: --rows pixels would hold {gib:.3g} GiB of raw pixels on one "
@@ -344,12 +458,14 @@ def main(argv=None):
         nets["random"] = sm.SemanticMIM(model.cfg)
     fns = {name: (lambda x, m=net.to(device).eval(): pool_features(m, x, args.layer, args.pool))
            for name, net in nets.items()}
-    fns["pixels"] = lambda x: {("pixels", None): layer_norm(x.flatten(1))}  # (B, 3*S*S)
+    fns["pixels"] = lambda x: {("pixels", None): sm.patchify(x, p).flatten(1) if args.dense
+                               else layer_norm(x.flatten(1))}  # (B, N*3p^2) or (B, 3*S*S)
 
-    def fit(features_of_epoch, test_f, what):               # the linear probe of one row
-        return linear_probe(features_of_epoch, train_y, test_f, test_y, C,
-                            args.epochs, args.lr, args.weight_decay, args.probe_batch_size,
-                            args.seed, f"linear probe, {what}")
+    def fit(features_of_epoch, test_f, what):               # the head of one row
+        maps = (lambda e: train_maps(e + 1)) if args.dense and args.augmented else lambda e: train_y
+        return fit_head(features_of_epoch, maps, test_f, test_y, C, args.epochs, args.lr,
+                        args.weight_decay, args.probe_batch_size, args.seed,
+                        dims(test_f) if args.dense else None, f"{kind} probe, {what}")
     features, linear = {}, {}  # every collective first: no rank waits long for rank 0's fits
     for name in (r for r in ROWS if r in args.rows):
         tr = extract(fns[name], train_batches(0, False), len(train_y), world, device, amp,
@@ -371,13 +487,14 @@ def main(argv=None):
     results = []
     for (name, pool, layer), (tr, te) in features.items():  # (n, F), (m, F)
         label = ROWS[name] if name == "pixels" else f"{ROWS[name]} {pool} L{layer}"
-        acc = linear[name, pool, layer] if args.augmented else fit(lambda e: tr, te, label)
-        pred = knn_predict(tr, train_y, te, C, args.k, args.temperature)  # (m,)
-        knn = (pred == test_y.to(pred.device)).float().mean().item()
-        results.append({"row": ROWS[name], "linear_top1": acc, "knn_top1": knn,
-                        "dims": tr.shape[1], "pool": pool, "layer": layer})
-        print(f"{label}: linear {100 * acc:.2f}%  kNN {100 * knn:.2f}%  ({tr.shape[1]} dims, "
-              f"{time.time() - t0:.0f} s)", flush=True)
+        row = scores(linear[name, pool, layer] if args.augmented else fit(lambda e: tr, te,
+                                                                            label), names, args.dense)
+        if not args.dense:
+            pred = knn_predict(tr, train_y, te, C, args.k, args.temperature)  # (m,)
+            row["knn_top1"] = (pred == test_y.to(pred.device)).float().mean().item()
+        results.append({"row": ROWS[name], **row, "dims": dims(tr), "pool": pool, "layer": layer})
+        print(f"{label}: " + "  ".join(f"{TEXT[k]} {100 * v:.2f}%" for k, v in row.items() if k in
+              TEXT) + f"  ({dims(tr)} dims, {time.time() - t0:.0f} s)", flush=True)
     return write_report(args, argv, ckpt, world, device, (len(train_y), len(test_y)),
                         C, results, t0), features
 

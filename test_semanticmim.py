@@ -971,6 +971,9 @@ def test_bad_inputs_end_in_one_line_without_a_traceback_in_real_processes(ckpt, 
         assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
 
 # ---- 4. probe.py: the classifiers, the features, whole runs, processes, bad input ----------------
+def top1(conf):
+    return (conf.trace() / conf.sum()).item()
+
 def test_linear_probe_learns_separable_features_and_not_random_labels():
     """Quadrants of two random hyperplanes (a margin kept): linearly separable, not clustered."""
     g = torch.Generator().manual_seed(0)
@@ -981,8 +984,8 @@ def test_linear_probe_learns_separable_features_and_not_random_labels():
     tr, te = slice(0, len(x) * 2 // 3), slice(len(x) * 2 // 3, None)
 
     def acc(labels):
-        return probe.linear_probe(lambda e: x[tr], labels[tr], x[te], labels[te], 4, epochs=100,
-                                  batch_size=256)
+        return top1(probe.fit_head(lambda e: x[tr], lambda e: labels[tr], x[te], labels[te], 4,
+                                   100, 4e-3, 1e-4, 256))
     assert acc(y) >= 0.98
     assert acc(y[torch.randperm(len(y), generator=g)]) < 0.45  # chance is 0.25
 
@@ -994,10 +997,120 @@ def test_linear_probe_is_scored_on_the_test_split():
     x = torch.nn.functional.one_hot(y, 4).float() + 0.1 * torch.randn(600, 4, generator=g)
 
     def acc(test_f, test_y):
-        return probe.linear_probe(lambda e: x[:400], y[:400], test_f, test_y, 4, epochs=20,
-                                  batch_size=100)
+        return top1(probe.fit_head(lambda e: x[:400], lambda e: y[:400], test_f, test_y, 4, 20,
+                                   4e-3, 1e-4, 100))
     assert acc(x[400:], y[400:]) == 1 and acc(x[400:].roll(1, 1), y[400:]) == 0
     assert acc(x[400:], y[400:][torch.randperm(200, generator=g)]) < 0.45  # chance: 0.25
+
+def test_dense_scores_are_a_naive_per_class_loop_and_ignored_pixels_count_nowhere():
+    g = torch.Generator().manual_seed(0)
+    y, pred = torch.randint(4, (2, 3, 8, 8), generator=g)   # label maps, predictions (3, 8, 8)
+    y[y == 3], y[:, 0] = 1, 255                             # class 3 never labelled; a row ignored
+    row = probe.scores(probe.confusion(y, pred, 4), list("wxyz"), dense=True)
+    keep, ious = y != 255, []
+    for c in range(4):
+        union = (((y == c) | (pred == c)) & keep).sum().item()
+        ious.append(((y == c) & (pred == c) & keep).sum().item() / union if union else 0.0)
+    assert row["class_iou"] == pytest.approx(dict(zip("wxyz", ious)))
+    assert row["miou"] == pytest.approx(sum(ious[:3]) / 3)  # over the classes in the labels
+    assert row["pixel_acc"] == pytest.approx(((y == pred) & keep).sum().item() / keep.sum().item())
+    pred[:, 0] = (pred[:, 0] + 1) % 4                       # other guesses on ignored pixels
+    assert probe.scores(probe.confusion(y, pred, 4), list("wxyz"), dense=True) == row
+
+def test_dense_head_labels_each_patchs_pixels_from_that_patch_in_row_major_order():
+    """Patch features one-hot in their class: every pixel well inside its patch is labelled
+    right (the rest, where bilinear upsampling blends two patches, is IGNORE: left out)."""
+    g = torch.Generator().manual_seed(0)
+    cls = torch.randint(3, (300, 4, 4), generator=g)       # (n, h, w): a class per patch
+    f = torch.nn.functional.one_hot(cls, 3).float().flatten(1)  # (n, h*w*3), row-major patches
+    y = cls.repeat_interleave(4, 1).repeat_interleave(4, 2)  # (n, 16, 16): 4x4 pixels a patch
+    ring = torch.ones(4, 4, dtype=torch.bool)
+    ring[1:3, 1:3] = False
+    y[:, ring.repeat(4, 4)] = 255
+    conf = probe.fit_head(lambda e: f[:200], lambda e: y[:200], f[200:], y[200:], 3, 10, 0.5,
+                          0.0, 20, dim=3)
+    assert conf.sum() == 100 * 16 * 4 and probe.scores(conf, "abc", True)["miou"] == 1.0
+    flipped = f[200:].view(100, 4, 4, 3).transpose(1, 2).flatten(1)  # column-major: wrong
+    assert probe.scores(probe.fit_head(lambda e: f[:200], lambda e: y[:200], flipped, y[200:], 3,
+                                       10, 0.5, 0.0, 20, dim=3), "abc", True)["miou"] < 0.6
+
+def test_dense_crops_and_flips_image_and_label_map_alike(monkeypatch):
+    g, x = torch.Generator().manual_seed(0), torch.zeros(64, 1, 32, 32, dtype=torch.uint8)
+    for i, (r, c) in enumerate(torch.randint(0, 20, (64, 2), generator=g).tolist()):
+        x[i, :, r:r + 12, c:c + 6] = 255                    # a bar off centre: flips show
+    monkeypatch.setattr(probe, "dense_split", lambda *a: (x, (x[:, 0] > 0).byte() * 3, "wxyz"))
+    args = probe.build_parser().parse_args(["c.pt", "--dense", "single", "--min-crop", "0.5"])
+    args.dataset = "synthetic"
+    labels, _, batches, maps = probe.load_split(args, "train", 32, 0, 1, torch.device("cpu"))
+    fg = torch.cat(list(batches(1, True))).mean(1) * 0.25 + 0.5 > 0.5  # unnormalised: (n, S, S)
+    agree = lambda m: ((m > 0) == fg).float().mean()      # noqa: E731
+    assert agree(maps(1)) > 0.99 and agree(maps(2)) < 0.95 and agree(labels) < 0.95  # bars: 7%
+    assert maps(1).unique().tolist() == [0, 3]              # nearest: no blended labels
+
+def test_dense_probe_reads_frozen_patch_tokens_of_garments_with_background(ckpt, monkeypatch):
+    """No gradient reaches the network; the rows are each block's patch tokens and the raw
+    pixels of each patch, of single images at the model's size labelled class+1 on the
+    foreground (for synthetic images, mean above 0.5), 0 elsewhere."""
+    grads, features = [], sm.SemanticMIM.features
+    monkeypatch.setattr(sm.SemanticMIM, "features", lambda self, *a, **k: grads.append(
+        torch.is_grad_enabled()) or features(self, *a, **k))
+    report, feats = probe.main([ckpt, "--dense", "single", "--layer", "all", "--epochs", "2",
+                                "--rows", "checkpoint", "pixels"])
+    assert grads and not any(grads)
+    model, _ = train.load_model(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), torch.load(
+        ckpt)["model"].values()))
+    assert [(r["row"], r["layer"], r["dims"]) for r in report["rows"]] == [
+        ("checkpoint", 1, 32), ("checkpoint", 2, 32), ("raw pixels", None, 48)]
+    assert report["num_classes"] == 11 and set(report["rows"][0]["class_iou"]) == {
+        "background", *map(str, range(10))}
+    x, labels, _ = train.load_split("synthetic", "data", "test", 32, 128)
+    x = train.to_model_input(x, 32, *train.MEAN_STD["synthetic"])  # (n, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(feats["checkpoint", "map", 1][1], model.features(x, 1)[0][0][1]
+                              .flatten(1), atol=1e-5)
+    assert torch.allclose(feats["pixels", "pixels", None][1], sm.patchify(x, 4).flatten(1),
+                          atol=1e-5)
+    args = probe.build_parser().parse_args([ckpt, "--dense", "single"])
+    probe.load(args)
+    raw = train.to_model_input(train.load_split("synthetic", "data", "test", 32, 128)[0], 32,
+                               (0,) * 3, (1,) * 3).mean(1)  # (n, S, S) in [0, 1]
+    assert torch.equal(probe.dense_split(args, "test", 32)[1].long(),
+                       (raw > 0.5) * (labels[:, None, None] + 1))
+    args.dense = "mosaic"                                   # four classes, a garment a quarter
+    quarters = probe.dense_split(args, "test", 32)[1].unfold(1, 16, 16).unfold(2, 16, 16)
+    assert all(len(set(q.tolist())) == 4 for q in quarters.flatten(3).amax(3).flatten(1))
+
+def test_dense_voc_reads_torchvisions_layout_and_refuses_a_label_outside_its_classes(ckpt,
+                                                                                  tmp_path):
+    """A VOC 2012 tree of 3 train and 2 val images as torchvision's VOCSegmentation reads it:
+    palette masks, 255 on boundaries; images and masks squashed to the model's size."""
+    def palette(m):                                         # a palette PNG, as VOC's masks
+        im = Image.fromarray(m)
+        im.putpalette(list(range(256)) * 3)
+        return im
+    base = tmp_path / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / d).mkdir(parents=True)
+    for split, names in (("train", "abc"), ("val", "de")):
+        (base / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(names))
+        for i, name in enumerate(names):
+            m = np.zeros((40, 50), np.uint8)
+            m[10:30, 5 + 5 * i:30 + 5 * i], m[8:10] = 1 + 7 * i, 255  # a class, a boundary
+            Image.fromarray(np.stack([m * 10] * 3, -1)).save(base / "JPEGImages" / f"{name}.jpg")
+            palette(m).save(base / "SegmentationClass" / f"{name}.png")
+    report, _ = probe.main([ckpt, "--dense", "voc", "--data", str(tmp_path), "--epochs", "2",
+                            "--out", str(tmp_path / "voc.json")])
+    assert (report["train_images"], report["test_images"], report["num_classes"]) == (3, 2, 21)
+    assert list(report["rows"][0]["class_iou"])[:3] == ["background", "aeroplane", "bicycle"]
+    args = probe.build_parser().parse_args([ckpt, "--dense", "voc", "--data", str(tmp_path)])
+    probe.load(args)
+    x, maps, _ = probe.dense_split(args, "test", 32)       # val: classes 1 and 8, 255 kept
+    assert x.shape == (2, 3, 32, 32) and maps.unique().tolist() == [0, 1, 8, 255]
+    m[0, 0] = 40                                            # not a VOC class
+    palette(m).save(base / "SegmentationClass" / "e.png")
+    with pytest.raises(SystemExit, match=r"error: .*e.png holds label 40, not one of VOC's 21 "):
+        probe.dense_split(args, "test", 32)
 
 def unit(*degrees):
     a = torch.tensor(degrees, dtype=torch.float64).deg2rad()
@@ -1103,9 +1216,10 @@ def test_probe_py_in_a_subprocess_reports_each_step_and_writes_json_beside_the_c
     assert [row["dims"] for row in report["rows"]] == [32, 32, 3072]
     assert all(0 <= r["linear_top1"] <= 1 and 0 <= r["knn_top1"] <= 1 for r in report["rows"])
 
-def test_two_gloo_processes_give_the_features_and_accuracies_of_one(ckpt, tmp_path):
+@pytest.mark.parametrize("head", [["--pool", "proxy"], ["--dense", "mosaic"]])
+def test_two_gloo_processes_give_the_features_and_accuracies_of_one(head, ckpt, tmp_path):
     """Shards gathered in order, augmentation per image: 2 processes equal 1, --augmented too."""
-    args = [ckpt, "--augmented", "--epochs", "3", "--batch-size", "24", "--pool", "proxy"]
+    args = [ckpt, "--augmented", "--epochs", "3", "--batch-size", "24", *head]
     one, feats_one = probe.main(args + ["--out", str(tmp_path / "one.json")])
     script = tmp_path / "run_probe.py"                      # each rank saves its features
     script.write_text(f"import os, sys, torch\nsys.path.insert(0, {HERE!r})\nimport probe\n"
@@ -1126,8 +1240,8 @@ def test_augmented_probe_trains_each_epoch_on_new_crops(ckpt, tmp_path, monkeypa
     """--augmented: the training features of epoch e are its own crops, the same on every call,
     other than epoch e+1's and than the plain images'."""
     seen = []
-    monkeypatch.setattr(probe, "linear_probe", lambda features_of_epoch, *a, **k: seen.extend(
-        features_of_epoch(e) for e in (0, 1, 0)) or 0.5)
+    monkeypatch.setattr(probe, "fit_head", lambda features_of_epoch, *a, **k: seen.extend(
+        features_of_epoch(e) for e in (0, 1, 0)) or torch.eye(10, dtype=torch.long))
     _, feats = probe.main([ckpt, "--augmented", "--rows", "pixels", "--epochs", "2", "--out",
                            str(tmp_path / "p.json")])
     assert torch.equal(seen[0], seen[2]) and not torch.allclose(seen[0], seen[1], atol=0.1)
@@ -1239,6 +1353,12 @@ PROBE_ERRORS = [  # argv with {ckpt}, {tmp}, {noproxy} filled in; the one line o
     (["{ckpt}", "--dataset", "imagefolder", "--data", "{tmp}/mixed"], "error: {tmp}/mixed/val "
      "has other classes than {tmp}/mixed/train (only in train: class1; only in val: class2): "
      "give both the same class folders"),  # labels are folder ranks: other folders mislabel
+    (["{ckpt}", "--dense", "voc", "--data", "{tmp}"], "error: no folder {tmp}/VOCdevkit/VOC2012/"
+     "SegmentationClass: pass --data ROOT holding VOC 2012 as torchvision's VOCSegmentation"),
+    (["{ckpt}", "--dense", "single", "--pool", "proxy"], "error: --dense probes the map of patch "
+     "tokens: leave out --pool"),
+    (["{ckpt}", "--dense", "mosaic", "--dataset", "cifar10"], "error: --dense mosaic labels "
+     "garments on a black background, not cifar10 images"),
     *[(["{ckpt}", flag, path], "error: " + why) for flag in ("--out", "--timm") for path, why in (
         ("{ckpt}", "{ckpt} is the checkpoint being read (it would be replaced): choose another"),
         ("{tmp}/no/f", "{tmp}/no/f cannot be written: {tmp}/no does not exist: choose another"),
@@ -1513,7 +1633,7 @@ def test_stats_cli_prints_a_table_and_writes_the_json_beside_the_checkpoint(runs
     report = json.load(open(runs / "sm" / "attn_stats.json"))
     assert report["command"] == f"python visualize.py {ckpt} --stats --out {out}"
     assert (report["images"]["dataset"], report["images"]["count"]) == ("synthetic", 32)
-    assert report["foreground_threshold"] == visualize.FOREGROUND_THRESHOLD["synthetic"]
+    assert report["foreground_threshold"] == train.FOREGROUND_THRESHOLD["synthetic"]
     assert set(report["statistics"]) == set(visualize.STATS) and report["maps"]
     [entry] = report["models"]
     assert entry["name"] == "SemanticMIM" and entry["config"]["num_proxies"] == 4

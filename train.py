@@ -221,6 +221,14 @@ OFFLINE_HINT = ("offline choices: --dataset fashion_mnist --data DIR with the De
                 "unpacked into DIR/FashionMNIST/raw (see README), --dataset imagefolder --data "
                 "DIR, or --dataset synthetic")
 
+# Foreground (visualize.py --stats, probe.py --dense): raw mean intensity above the set's threshold.
+# Fashion-MNIST garments lie on an exactly black background (a background patch's mean is 0, up to
+# the resize's ringing): 0.1 keeps every patch with a real piece of the garment and drops those that
+# only graze its edge (for pixels likewise).
+# Synthetic images have no background: 0.5, their mean, splits each colour template into a brighter
+# and a darker region, enough to exercise the statistic. Natural images have none to threshold.
+FOREGROUND_THRESHOLD = {"fashion_mnist": 0.1, "synthetic": 0.5}
+
 
 def synthetic_images(n, size, seed, num_classes=10):
     """Generated images (n, 3, size, size) uint8 and labels: per-class smooth colour templates
@@ -338,8 +346,8 @@ def to_model_input(x, size, mean, std):
     return (x - m) / s
 
 
-def augment(x, size, r, min_scale=0.5):
-    """RandomResizedCrop(scale=(min_scale, 1), ratio=(3/4, 4/3), bicubic) + flip of a uint8
+def augment(x, size, r, min_scale=0.5, mode="bicubic"):
+    """RandomResizedCrop(scale=(min_scale, 1), ratio=(3/4, 4/3), `mode`) + flip of a uint8
     batch (B, C, h, w) on its device, from uniform numbers r (B, 5) -> [0, 1] (B, C, size, size).
     Unlike torchvision's rejection loop, a crop larger than the image is clamped to its side."""
     scale = min_scale + (1 - min_scale) * r[:, 0]
@@ -352,7 +360,7 @@ def augment(x, size, r, min_scale=0.5):
     theta = torch.stack([torch.stack([w * flip, zero, tx], 1),
                          torch.stack([zero, h, ty], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, (x.shape[0], x.shape[1], size, size), align_corners=False)
-    out = F.grid_sample(x.float() / 255, grid, mode="bicubic", padding_mode="border",
+    out = F.grid_sample(x.float() / 255, grid, mode=mode, padding_mode="border",
                         align_corners=False)                # (B, C, size, size)
     return out.clamp(0, 1)
 

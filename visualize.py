@@ -178,12 +178,6 @@ STATS = {  # name: (short label, what it is)
     "proxy_js": ("proxy JS", "proxy diversity: mean JS divergence (bits, 0..1) between the maps "
                  "of two proxies (0 = all gather the same thing; '-' for fewer than 2 proxies)"),
 }
-# Foreground: patches of raw mean intensity above their data set's threshold. Fashion-MNIST garments
-# lie on an exactly black background (a background patch's mean is 0, up to the resize's ringing):
-# 0.1 keeps every patch with a real piece of the garment and drops those that only graze its edge.
-# Synthetic images have no background: 0.5, their mean, splits each colour template into a brighter
-# and a darker region, enough to exercise the statistic. Natural images have none to threshold.
-FOREGROUND_THRESHOLD = {"fashion_mnist": 0.1, "synthetic": 0.5}
 
 
 def foreground_patches(raw, p, threshold):
@@ -498,10 +492,10 @@ def run_stats(args, argv, runs, ckpt):
                              batch=25)  # ViT-B/16: 0.6 GB of attention weights per batch
     if n < want:
         print(f"note: the {dataset} test split has {n} images: using all of them")
-    threshold = FOREGROUND_THRESHOLD.get(dataset)
+    threshold = train.FOREGROUND_THRESHOLD.get(dataset)
     if threshold is None:
         print(f"note: no region consistency: {dataset} images have no plain background a "
-              f"threshold can tell from the object (only {' and '.join(FOREGROUND_THRESHOLD)})")
+              f"threshold can tell from the object (only {' and '.join(train.FOREGROUND_THRESHOLD)})")
     results = attention_stats(runs, batches, threshold)
     keys, paths = list(results[0][0]), [args.checkpoint, *(args.compare or [])]
     refs = [{k: v for k, v in uniform_reference(m.cfg.num_proxies, math.isqrt(
