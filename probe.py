@@ -62,7 +62,8 @@ def dense_split(args, split, S):
         return x, m, VOC
     images, labels, names = train.load_split(args.dataset, args.data, split, S,
                                              args.synthetic_size, seed=args.seed)
-    n, half = min(len(labels), DENSE_TRAIN if split == "train" else len(labels)), args.dense != "single"
+    n = len(labels)
+    n, half = min(len(labels), DENSE_TRAIN if split == "train" else n), args.dense == "mosaic"
     x = train.to_model_input(images[:n], S // (1 + half), (0,) * 3, (1,) * 3)  # (n, 3, s, s) 0..1
     m = (x.mean(1) > train.FOREGROUND_THRESHOLD[args.dataset]) * (labels[:n, None, None] + 1)
     if half:  # mosaic i: quarters idx[0..3][i], four images of four classes
@@ -92,7 +93,8 @@ def load_split(args, split, size, rank, world, device):
         crops.transform = train.folder_transform(size, True, args.min_crop)
 
     def draws(epoch):  # in memory: crops and flips from the split's draws, (n, 5) one per image
-        return torch.rand(n, 5, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        return torch.rand(n, 5, generator=g)
 
     def batches(epoch, augment):
         keys, draw = [(epoch, i) for i in shard(n, rank, world)], None
@@ -172,16 +174,16 @@ def extract(fn, batches, n, world, device, amp=None, what=None):
 
 # ---- Classifiers: a linear head, per image or (--dense) per pixel, and DINO's weighted kNN -----
 def fit_head(features_of_epoch, targets_of_epoch, test_f, test_y, num_classes, epochs, lr,
-             weight_decay, batch_size, seed=0, dim=None, what=None):
+             weight_decay, batch_size, seed=0, dim=None, what=None, head=None):
     """The test confusion matrix (C, C), counts of (label, prediction), of a linear head trained on
-    features_of_epoch(e) and targets_of_epoch(e). Per image (dim None; maskfeat_cls_linear_probing
-    .py): features (n, F), labels (n,); zero init (convex), AdamW, per-step cosine. Per pixel (dim D;
+    features_of_epoch(e) and targets_of_epoch(e). Per image (dim None; the authors' linear probe):
+    features (n, F), labels (n,); zero init (convex), AdamW, per-step cosine. Per pixel (dim D;
     seg_linear_probing.py): maps (n, h*w*D) of D-dim features, label maps (n, S, S); a 1x1 conv,
     weights N(0, 0.01^2), bias 0, its logits bilinearly upsampled to the label map; IGNORE pixels
     neither trained nor scored; SGD, momentum 0.9, lr x 0.1 after 2/5 and 4/5 of the epochs (their
-    StepLR, 10 of 25). With `what`, progress lines of the epochs."""
+    StepLR, 10 of 25). With `what`, progress lines of the epochs; with `head`, that Linear."""
     g, dev, C, ignore = torch.Generator().manual_seed(seed), test_f.device, num_classes, -100
-    head = torch.nn.Linear(dim or test_f.shape[1], C, device=dev)
+    head = head or torch.nn.Linear(dim or test_f.shape[1], C, device=dev)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     if dim:  # the authors' head and optimiser
@@ -190,12 +192,16 @@ def fit_head(features_of_epoch, targets_of_epoch, test_f, test_y, num_classes, e
         ignore = IGNORE
     update = progress(what, epochs, "epochs") if what else lambda done: None
 
+    if dim:  # bilinear upsampling (h, w) -> (S, S) as the matrix it is (a matmul's backward
+        h, S = math.isqrt(test_f.shape[1] // dim), test_y.shape[-1]  # is 3x faster on a CPU)
+        up = F.interpolate(torch.eye(h * h, device=dev).view(-1, 1, h, h), size=(S, S),
+                           mode="bilinear", align_corners=False).view(h * h, S * S)
+
     def logits(f):  # (b, F) -> (b, C); per pixel (b, h*w*D) -> (b, C, S, S): the head on each
         if not dim:  # patch, then upsampled. The authors upsample first: the same (both are
             return head(f)  # linear, bilinear weights sum to 1), here at C/D of the cost
-        b, h, S = len(f), math.isqrt(f.shape[1] // dim), test_y.shape[-1]
-        z = head(f.view(b, h * h, dim)).transpose(1, 2).reshape(b, C, h, h)  # (b, C, h, w)
-        return F.interpolate(z, size=(S, S), mode="bilinear", align_corners=False)
+        z = head(f.view(len(f), h * h, dim)).transpose(1, 2)  # (b, C, h*w)
+        return (z.reshape(-1, h * h) @ up).view(len(f), C, S, S)
     for epoch in range(epochs):
         feats, y = features_of_epoch(epoch), targets_of_epoch(epoch).to(dev).long()  # (n, F), (n,)
         order, steps = torch.randperm(len(y), generator=g).to(dev), -(-len(y) // batch_size)
@@ -487,8 +493,8 @@ def main(argv=None):
     results = []
     for (name, pool, layer), (tr, te) in features.items():  # (n, F), (m, F)
         label = ROWS[name] if name == "pixels" else f"{ROWS[name]} {pool} L{layer}"
-        row = scores(linear[name, pool, layer] if args.augmented else fit(lambda e: tr, te,
-                                                                            label), names, args.dense)
+        conf = linear[name, pool, layer] if args.augmented else fit(lambda e: tr, te, label)
+        row = scores(conf, names, args.dense)
         if not args.dense:
             pred = knn_predict(tr, train_y, te, C, args.k, args.temperature)  # (m,)
             row["knn_top1"] = (pred == test_y.to(pred.device)).float().mean().item()

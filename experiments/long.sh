@@ -2,11 +2,11 @@
 # The three Fashion-MNIST models of docs/results.md (see fmnist.sh) at a longer schedule, with a
 # per-epoch trend: each run is trained one epoch per train.py call (--stop-at, then --resume) and
 # keeps a copy ep<E>.pt of every epoch's last checkpoint. Then each run is fine-tuned (experiments/
-# finetune.py; SemanticMIM's run also fine-tunes the same ViT from random init), experiments/
-# trend.py probes the copies (kNN), and probe.py (every block) and visualize.py --stats take the
-# final checkpoint. Last, summarize.py keeps every run's figures in experiments/results/ (in git:
-# run folders die with their machine), rewrites the tables of the pages and prints them; trend.py
-# draws the figure.
+# finetune.py; SemanticMIM's run also fine-tunes the same ViT from random init; FT_EPOCHS=0: not),
+# experiments/trend.py probes the copies (kNN), and probe.py (every block: linear and kNN, and
+# --dense on both garment sets) and visualize.py --stats take the final checkpoint. Last,
+# summarize.py keeps every run's figures in experiments/results/ (in git: run folders die with
+# their machine), rewrites the tables of the pages and prints them; trend.py draws the figure.
 #   EPOCHS=8 bash experiments/long.sh semantic:0 baseline:0 maskfeat:0   # runs/long8_NAME_sSEED
 # Each NAME:SEED runs in its own process with one thread, all at once. Rerun to continue: a
 # finished epoch is skipped, an interrupted one continues exactly.
@@ -35,8 +35,8 @@ lane() {  # lane NAME SEED: the epochs and their copies, fine-tuning, the trend,
     fi >> "$out.txt" 2>&1
     cp "$out/checkpoint.pt" "$out/ep$e.tmp" && mv "$out/ep$e.tmp" "$out/ep$e.pt"
   done
-  for init in pretrained random; do  # fine-tuned the authors' way; SemanticMIM's run also
-    [ "$init" = pretrained ] || [ "$1" = semantic ] || continue   # holds the random-init ViT
+  for init in $( [ "$FT_EPOCHS" = 0 ] || echo pretrained random); do  # the authors' recipe;
+    [ "$init" = pretrained ] || [ "$1" = semantic ] || continue  # semantic: the random-init ViT
     local ft=$out/finetune$([ "$init" = random ] && echo _random)_s$2
     [ -f "$ft.json" ] || python experiments/finetune.py "$out/checkpoint.pt" --epochs "$FT_EPOCHS" \
       --seed "$2" $([ "$init" = random ] && echo --random) > "$ft.txt" 2>&1
@@ -44,6 +44,10 @@ lane() {  # lane NAME SEED: the epochs and their copies, fine-tuning, the trend,
   python experiments/trend.py "$out" >> "$out.txt" 2>&1
   [ -f "$out/probe_patch-proxy_Lall.json" ] || python probe.py "$out/checkpoint.pt" \
     --pool patch proxy --layer all --rows checkpoint > "$out.probe.txt" 2>&1
+  for set in single mosaic; do  # one at a time: each holds ~7 GB of patch tokens (2 rows, 4 blocks)
+    [ -f "$out/probe_dense-${set}_Lall.json" ] || flock runs/dense.lock python probe.py \
+      "$out/checkpoint.pt" --dense $set --layer all > "$out.dense_$set.txt" 2>&1
+  done
   python visualize.py "$out/checkpoint.pt" --stats --out "$out" > "$out.stats.txt" 2>&1
 }
 

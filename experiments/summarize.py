@@ -7,15 +7,18 @@ and the pages that show them:
 
 Each run becomes a record of its figures: from its log.jsonl the final loss and training time,
 from probe_patch-proxy_Lall.json linear and kNN top-1 of the patch and proxy means at every block
-(and the raw pixels), the fine-tunes (finetune[_random]_s<seed>.json), the per-epoch kNN
-(trend.json) and that checkpoint's attention statistics from any ROOT/*/attn_stats.json.
+(and the raw pixels), from probe_dense-<set>_Lall.json the dense probe's mean IoU at every block
+(beside the random weights and raw pixels), the fine-tunes (finetune[_random]_s<seed>.json), the
+per-epoch kNN (trend.json) and that checkpoint's attention statistics from any
+ROOT/*/attn_stats.json.
 A run's folder dies with the machine that ran it (checkpoints stay out of git); its record need
 not: --save merges the records into experiments/results/<prefix>.json, which is kept in git, and a
 run missing under ROOT is read from there. Prints the mean of the seeds and each seed; a run in
 neither place is a "-".
 
 No table in README.md or docs/results.md is typed: each stands between `<!-- results NAME all -->`
-(every table) or `<!-- results NAME summary -->` (the README's one) and `<!-- end of results -->`,
+(every table), `<!-- results NAME summary -->` or `<!-- results NAME dense -->` (the README's
+probe and dense-probe tables) and `<!-- end of results -->`,
 and --pages, or --save after writing its file, writes it from experiments/results/NAME.json. The
 prose around the tables is written by hand."""
 import glob
@@ -33,6 +36,7 @@ MODELS = {"semantic": "SemanticMIM (P 8, mask 0.8)",
           "baseline": "one-switch baseline (`--baseline`, P 8, mask 0.8)",
           "maskfeat": "authors' MaskFeat settings (`--baseline`, P 1, mask 0.4)"}
 SEEDS = (0, 1)
+DENSE = ("single", "mosaic")                    # probe.py --dense sets
 STATS = ("proxy_share", "distance", "query_js", "fg_consistency", "bg_consistency", "proxy_js")
 RESULTS = os.path.join(REPO, "experiments", "results")
 PAGES = [os.path.join(REPO, "README.md"), os.path.join(REPO, "docs", "results.md")]
@@ -81,6 +85,7 @@ def record(folder, seed, stats):
     pixels = next((r for r in probe["rows"] if r["row"] == "raw pixels"), None)
     fine = [load(os.path.join(folder, f"finetune{r}_s{seed}.json")) for r in ("", "_random")]
     trend = load(os.path.join(folder, "trend.json"))
+    dense = {s: load(os.path.join(folder, f"probe_dense-{s}_Lall.json")) for s in DENSE}
     attn = stats.get(os.path.abspath(os.path.join(folder, "checkpoint.pt")))
     return {"source": folder, "depth": depth, "loss": loss, "minutes": minutes,
             **{f"{kind}_{pool}": [100 * rows["checkpoint", pool, i][f"{kind}_top1"]
@@ -90,6 +95,9 @@ def record(folder, seed, stats):
                                   "knn": 100 * pixels["knn_top1"]},
             **{key: f and [100 * t for t in f["top1_per_epoch"]]
                for key, f in zip(("finetune", "finetune_random"), fine)},
+            **{f"dense_{s}": d and {row: [100 * r["miou"] for r in d["rows"] if r["row"] == row]
+                                    for row in ("checkpoint", "random weights", "raw pixels")}
+               for s, d in dense.items()},
             "trend": trend and [[r["epoch"], 100 * r["knn_patch"], 100 * r["knn_proxy"]]
                                 for r in trend["epochs"]],
             "attention": attn and [{s: layer[s] for s in STATS} for layer in attn["layers"]],
@@ -155,6 +163,27 @@ def summary(runs):
     return "\n".join(out) + "\n"
 
 
+def dense(runs):
+    """The dense probe's tables: mean IoU (%) per block on each garment set, beside the same
+    network at its random initial weights (SemanticMIM's) and the raw pixels of each patch."""
+    out, depth = [], next(r["depth"] for r in runs.values() if r)
+    for s in DENSE:
+        if not any(r and r.get(f"dense_{s}") for r in runs.values()):
+            continue
+        out.append(f"probe.py --dense {s}: mean IoU per block, mean (seed 0, seed 1)\n\n| model | "
+                   + " | ".join(f"block {i}" for i in range(1, depth + 1)) + " |\n|---|"
+                   + "---|" * depth)
+        for m, name in MODELS.items():
+            out.append(f"| {name} | " + " | ".join(cell([d and d["checkpoint"][i] for d in get(
+                runs, m, f"dense_{s}")]) for i in range(depth)) + " |")
+        semantic = get(runs, "semantic", f"dense_{s}")
+        out.append("| the same network, random weights (SemanticMIM's) | " + " | ".join(cell(
+            [d and d["random weights"][i] for d in semantic]) for i in range(depth)) + " |")
+        pixels = cell([d and d["raw pixels"][0] for d in semantic])
+        out.append(f"| raw pixels of each patch | {pixels}" + " |" * depth + "\n")
+    return "\n".join(out)
+
+
 def tables(runs):
     """Every table of one results file (markdown): the seeds' mean, then each seed."""
     out = []
@@ -212,11 +241,13 @@ def tables(runs):
     for P, u in sorted(uniform.items()):
         emit(f"| uniform attention, P {P} | any | " + " | ".join(
             "-" if u[st] is None else f"{u[st]:.3f}" for st in STATS) + " |")
+    if dense(runs):
+        emit("\n" + dense(runs))
     return "\n".join(out) + "\n"
 
 
-MARKED = re.compile(r"(<!-- results (\w+) (all|summary)\b.*?-->\n).*?(<!-- end of results -->)",
-                    re.S)
+MARKED = re.compile(r"(<!-- results (\w+) (all|summary|dense)\b.*?-->\n).*?"
+                    r"(<!-- end of results -->)", re.S)
 
 
 def pages():
@@ -228,7 +259,7 @@ def pages():
             raise SystemExit(f"error: a marker names experiments/results/{m[2]}.json, which does "
                              f"not exist: save it (summarize.py ROOT {m[2]} --save) or fix it")
         runs = load(path)["runs"]
-        return f"{m[1]}\n{(tables if m[3] == 'all' else summary)(runs)}\n{m[4]}"
+        return f"{m[1]}\n{dict(all=tables, summary=summary, dense=dense)[m[3]](runs)}\n{m[4]}"
     out = {}
     for page in PAGES:
         with open(page, encoding="utf-8") as f:
