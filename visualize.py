@@ -492,10 +492,10 @@ def run_stats(args, argv, runs, ckpt):
                              batch=25)  # ViT-B/16: 0.6 GB of attention weights per batch
     if n < want:
         print(f"note: the {dataset} test split has {n} images: using all of them")
-    threshold = train.FOREGROUND_THRESHOLD.get(dataset)
+    threshold, known = train.FOREGROUND_THRESHOLD.get(dataset), train.FOREGROUND_THRESHOLD
     if threshold is None:
         print(f"note: no region consistency: {dataset} images have no plain background a "
-              f"threshold can tell from the object (only {' and '.join(train.FOREGROUND_THRESHOLD)})")
+              f"threshold can tell from the object (only {' and '.join(known)})")
     results = attention_stats(runs, batches, threshold)
     keys, paths = list(results[0][0]), [args.checkpoint, *(args.compare or [])]
     refs = [{k: v for k, v in uniform_reference(m.cfg.num_proxies, math.isqrt(

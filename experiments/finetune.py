@@ -10,8 +10,8 @@ crop; the feature is fc_norm of the patch mean.
 The model is the file `probe.py --timm` writes, loaded as its printed line says; the data is the
 checkpoint's data set through torchvision. ImageNet on GPUs: timm's own train.py (docs/finetune.md).
 
---recipe ours, for small images and a few epochs on a CPU (not the authors'; its settings were
-chosen on --val, docs/finetune.md): LP-FT (Kumar et al., ICLR 2022), the head first trained as
+--recipe ours, for small images and a few epochs on a CPU (not the authors'; its defaults are a
+first guess, not yet chosen on --val): LP-FT (Kumar et al., ICLR 2022), the head first trained as
 probe.py's linear probe on the frozen feature, then everything fine-tuned with RandomResizedCrop
 (scale --min-crop to 1) + flip of the in-memory images, label smoothing 0.1, drop path 0.1, AdamW
 with layer decay 0.75, warm-up over a tenth of the steps then cosine; no RandAugment, Mixup, CutMix.
