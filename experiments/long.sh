@@ -44,10 +44,9 @@ lane() {  # lane NAME SEED: the epochs and their copies, fine-tuning, the trend,
   python experiments/trend.py "$out" >> "$out.txt" 2>&1
   [ -f "$out/probe_patch-proxy_Lall.json" ] || python probe.py "$out/checkpoint.pt" \
     --pool patch proxy --layer all --rows checkpoint > "$out.probe.txt" 2>&1
-  for set in single mosaic; do  # one at a time: each holds up to 7 GB of patch tokens; the
-    [ -f "$out/probe_dense-${set}_Lall.json" ] || flock runs/dense.lock python probe.py \
-      "$out/checkpoint.pt" --dense $set --layer all $([ "$1" = semantic ] || echo --rows \
-      checkpoint) > "$out.dense_$set.txt" 2>&1   # reference rows once, in SemanticMIM's run
+  for set in single mosaic; do  # the reference rows once, in SemanticMIM's run (7 GB; else 4)
+    [ -f "$out/probe_dense-${set}_Lall.json" ] || python probe.py "$out/checkpoint.pt" --dense \
+      $set --layer all $([ "$1" = semantic ] || echo --rows checkpoint) > "$out.dense_$set.txt" 2>&1
   done
   python visualize.py "$out/checkpoint.pt" --stats --out "$out" > "$out.stats.txt" 2>&1
 }
