@@ -382,11 +382,12 @@ def test_clip_bounds_the_gradient_norm_and_independent_mask_reaches_the_masks_of
     saved = torch.load(tmp_path / "0" / "checkpoint.pt", weights_only=True)["config"]
     assert seen == [True] * 3 and saved["independent_mask"] is True
 
-def test_the_defaults_are_the_authors_settings():
+def test_the_defaults_are_the_authors_settings(ckpt):
     """train.py on a folder: their ViT-B/16, lr 1.6e-3 at batch 2048, AdamW betas (0.9, 0.999),
     wd 0.05, clip 0.02, cosine to 1e-6, crops of scale (0.5, 1), no autocast on a CPU; probe.py:
     AdamW lr 4e-3, wd 1e-4, batch 1024, 100 epochs; kNN k 20, T 0.07."""
-    a, p = train.parse_args(["--data", "x"]), probe.build_parser().parse_args(["c"])
+    a, p = train.parse_args(["--data", "x"]), probe.build_parser().parse_args([ckpt])
+    probe.load(p)                                   # None: the default of the probe (not --dense)
     assert sm.PRESETS[a.preset] == sm.Config(224, 16, 768, 12, 12, 4.0, 8, 0.8, "hog", False)
     assert (a.dataset, a.blr * 2048 / 256, a.weight_decay, a.clip, a.min_lr, a.min_crop) == (
         "imagefolder", pytest.approx(1.6e-3), 0.05, 0.02, 1e-6, 0.5)
