@@ -121,17 +121,29 @@ def ckpt(runs):
     return str(runs / "sm" / "checkpoint.pt")
 
 # ---- 1. the method: patches, masks, attention, information flow, targets, loss ------------------
-def test_patchify_orders_patches_row_major_and_pixels_row_col_channel():
+def test_patchify_is_row_major_row_col_channel_the_pixel_target_per_patch_fp32_under_bf16():
     x = torch.randn(2, 3, 32, 32)
     p = sm.patchify(x, 4)
     assert p.shape == (2, 64, 48)
     assert torch.equal(p[0, 1], x[0, :, 0:4, 4:8].permute(1, 2, 0).reshape(-1))  # row 0, col 1
     assert torch.equal(visualize.unpatchify(p, 4), x)
+    imgs = torch.rand(2, 3, 32, 32) * 5 + 3
+    t = sm.pixel_target(imgs, 4)                                 # (2, 64, 48)
+    torch.testing.assert_close(t.mean(-1), torch.zeros(2, 64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(t.std(-1), torch.ones(2, 64), atol=1e-4, rtol=0)
+    patch = imgs[0, :, 4:8, 8:12].permute(1, 2, 0).reshape(-1)   # patch (1, 2)
+    torch.testing.assert_close(t[0, 10], (patch - patch.mean()) / (patch.var() + 1e-6) ** 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t = sm.SemanticMIM(tiny()).target(imgs)                  # HOG
+    assert t.dtype == torch.float32 and torch.equal(t, sm.hog_target(imgs, 4))
 
-def test_masks_have_exactly_nm_sorted_patches_per_image_disjoint_unless_independent():
-    B, N, Nm = 64, 64, math.ceil(64 * 0.8)
+def test_masks_have_exactly_nm_sorted_uniform_patches_per_image_disjoint_unless_independent():
+    """Nm = ceil(N x ratio), the authors' counts: 52/64 and 157/196 at 0.8, 79/196 at 0.4."""
+    counts = [sm.Config(img_size=s, patch_size=p, mask_ratio=r).num_masked
+              for s, p, r in ((32, 4, 0.8), (224, 16, 0.8), (224, 16, 0.4))]
+    B, N, Nm = 64, 64, counts[0]
     keep, mask = sm.random_masking(B, N, Nm, torch.Generator().manual_seed(0), "cpu")
-    assert keep.shape == (B, N - Nm) and mask.shape == (B, Nm)
+    assert counts == [52, 157, 79] and keep.shape == (B, N - Nm) and mask.shape == (B, Nm)
     for k, m in zip(keep.tolist(), mask.tolist()):
         assert set(k).isdisjoint(m) and sorted(k + m) == list(range(N))
         assert k == sorted(k) and m == sorted(m)                # raster order, both
@@ -140,29 +152,18 @@ def test_masks_have_exactly_nm_sorted_patches_per_image_disjoint_unless_independ
     keep, mask = sm.random_masking(B, N, Nm, torch.Generator().manual_seed(0), "cpu", True)
     assert keep.shape == (B, N - Nm) and all(len(set(m)) == Nm for m in mask.tolist())
     assert sum(len(set(k) & set(m)) for k, m in zip(keep.tolist(), mask.tolist())) > 0  # apart
-
-def test_masks_are_uniform_with_exactly_ceil_n_times_ratio_patches_the_authors_counts():
-    """52 of 64 at 0.8, 157 of 196 at 0.8, 79 of 196 at 0.4; each patch as often masked."""
-    counts = [sm.Config(img_size=s, patch_size=p, mask_ratio=r).num_masked
-              for s, p, r in ((32, 4, 0.8), (224, 16, 0.8), (224, 16, 0.4))]
-    assert counts == [52, 157, 79] and masks(tiny(), 2)[1].shape == (2, 52)
     freq = masks(tiny(), 4000)[1].flatten().bincount(minlength=64) / 4000    # (N,), 52/64 each
     assert (freq - 52 / 64).abs().max() < 0.03, freq
 
-def test_sdpa_path_equals_explicit_softmax_path_and_fused_equals_split():
+def test_sdpa_equals_explicit_softmax_fused_equals_split_and_block_ln1_normalises_q_and_kv():
     torch.manual_seed(0)
-    attn = sm.Attention(32, 4)
-    q, kv = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
-    fast, none = attn(q, kv)
-    slow, w = attn(q, kv, return_weights=True)
+    attn, q, kv = sm.Attention(32, 4), torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    (fast, none), (slow, w) = attn(q, kv), attn(q, kv, return_weights=True)
     assert none is None and w.shape == (2, 4, 5, 7)
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 5))
     torch.testing.assert_close(attn(kv, kv)[0], attn(kv, kv.clone())[0], atol=1e-6, rtol=1e-5)
-
-def test_block_ln1_normalises_query_and_keys_with_its_own_weights():
-    torch.manual_seed(0)
-    blk = sm.Block(32, 2, 4.0)
+    blk = sm.Block(32, 2, 4.0)                      # ln1, its own weights, on query and keys
     with torch.no_grad():
         blk.norm1.weight.uniform_(0.5, 1.5)
     x, ctx = torch.randn(2, 3, 32), torch.randn(2, 4, 32)
@@ -182,8 +183,9 @@ def predict_with_hooks(model, imgs, keep, mask, hooks):
             h.remove()
 
 @pytest.mark.parametrize("baseline", [False, True])
-def test_mask_tokens_see_images_only_through_the_proxies(baseline):
-    """New image, its proxies forced to the old one's: [MASK] predictions stay (baseline: move)."""
+def test_mask_tokens_see_images_only_via_the_proxies_and_main_tokens_never_see_them(baseline):
+    """New image, its proxies forced to the old one's: [MASK] predictions stay. Another [MASK]
+    token: every main-stack output stays bit for bit. (The baseline: both move.)"""
     model, cfg, a, keep, mask = seeded(baseline=baseline)
     b, P, seen = torch.randn(2, 3, 32, 32), cfg.num_proxies, {}
 
@@ -195,22 +197,14 @@ def test_mask_tokens_see_images_only_through_the_proxies(baseline):
         lambda i, out: (torch.cat([seen[i], out[0][:, P:]], 1), out[1])))
     assert not torch.allclose(pred_a, predict_with_hooks(model, b, keep, mask, []), atol=1e-4)
     assert torch.equal(pred_a, forced) != baseline
-
-@pytest.mark.parametrize("baseline", [False, True])
-def test_img_and_proxy_tokens_never_see_mask_tokens(baseline):
-    """Another [MASK] token: every main-stack output stays bit for bit (baseline: it moves)."""
-    model, cfg, imgs, keep, mask = seeded(baseline=baseline)
-    rows = cfg.num_proxies + keep.shape[1]                      # [PROXY; IMG] rows
-
-    def main_outputs():
-        outs = []
-        predict_with_hooks(model, imgs, keep, mask, [
-            (blk, lambda m, i, o: outs.append(o[0][:, :rows].clone())) for blk in model.blocks])
-        return outs
-    before = main_outputs()
+    rows = P + keep.shape[1]                                    # [PROXY; IMG] rows
+    record = every_block(lambda i, out: seen.__setitem__(i, out[0][:, :rows].clone()))
+    predict_with_hooks(model, a, keep, mask, record)
+    before = dict(seen)
     with torch.no_grad():
         model.mask_token.add_(torch.randn_like(model.mask_token))
-    assert all(torch.equal(x, y) for x, y in zip(before, main_outputs())) != baseline
+    predict_with_hooks(model, a, keep, mask, record)
+    assert all(torch.equal(before[i], seen[i]) for i in before) != baseline
 
 @pytest.mark.parametrize("baseline", [False, True])
 def test_every_token_enters_with_its_own_position_entry_mask_tokens_too(baseline):
@@ -230,7 +224,7 @@ def test_every_token_enters_with_its_own_position_entry_mask_tokens_too(baseline
         torch.testing.assert_close(seen[0][:, P:P + Nv], img + pos[P + keep])
         torch.testing.assert_close(seen[0][:, P + Nv:] if baseline else seen[1], want_mask)
 
-def test_mask_block_reads_the_proxies_output_by_the_main_block_of_the_same_depth():
+def test_mask_blocks_read_the_main_blocks_proxies_at_the_same_depth_the_baseline_one_stream():
     model, cfg, imgs, keep, mask = seeded(depth=3)
     P = cfg.num_proxies
 
@@ -245,17 +239,12 @@ def test_mask_block_reads_the_proxies_output_by_the_main_block_of_the_same_depth
     clean, bumped = mask_outputs(), mask_outputs(bump_depth=1)
     assert torch.equal(clean[0], bumped[0])          # mask block 0 is before main block 1's output
     assert not torch.allclose(clean[1], bumped[1])   # mask block 1 reads main block 1's proxies
-
-def test_baseline_is_one_stream_with_the_same_main_stack():
-    cfg = tiny()
-    semantic, base = sm.SemanticMIM(cfg), sm.SemanticMIM(tiny(baseline=True))
+    base, lengths = sm.SemanticMIM(tiny(baseline=True)), []  # one stream, the same main stack
     assert not hasattr(base, "mask_blocks") and sm.Config(num_proxies=0, baseline=True)
     count = lambda m: sum(p.numel() for p in m.parameters())
-    assert count(base) == count(semantic) - count(semantic.mask_blocks)
-    keep, mask = masks(cfg, 2)
-    lengths = []
+    assert count(base) == count(model) - count(model.mask_blocks)
     hooks = [(blk, lambda m, i, o: lengths.append(o[0].shape[1])) for blk in base.blocks]
-    predict_with_hooks(base, torch.randn(2, 3, 32, 32), keep, mask, hooks)
+    predict_with_hooks(base, imgs, keep, mask, hooks)
     assert lengths == [cfg.num_proxies + keep.shape[1] + mask.shape[1]] * cfg.depth
 
 def test_initialisation_is_the_authors():
@@ -275,8 +264,7 @@ def test_initialisation_is_the_authors():
 def test_features_are_the_main_stack_on_all_patches_block_by_block():
     model, _, imgs, _, _ = seeded()
     with torch.no_grad():
-        outs, attn = model.features(imgs, 2, return_attn=True)
-        x = torch.cat(model.embed(imgs), 1)
+        (outs, attn), x = model.features(imgs, 2, return_attn=True), torch.cat(model.embed(imgs), 1)
         for i, blk in enumerate(model.blocks[:2]):
             x, w = blk(x, return_weights=True)
             torch.testing.assert_close(torch.cat(outs[i], 1), x)
@@ -290,13 +278,11 @@ def test_features_are_the_main_stack_on_all_patches_block_by_block():
 
 def naive_hog(img, p, nbins=9):
     """The authors' HOG written out pixel by pixel in plain Python, for one image (3, H, W)."""
-    C, H, W = img.shape
-    a = img.tolist()
+    (C, H, W), a = img.shape, img.tolist()
     refl = lambda i, n: -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
     px = lambda c, y, x: a[c][refl(y, H)][refl(x, W)]
     g = [math.exp(-0.5 * ((i - (p - 1) / 2) / (p // 2)) ** 2) for i in range(p)]
-    total = sum(u * v for u in g for v in g)
-    cell = p // 2
+    total, cell = sum(u * v for u in g for v in g), p // 2
     hist = [[[[0.0] * (W // cell) for _ in range(H // cell)] for _ in range(nbins)]
             for _ in range(C)]
     for c in range(C):
@@ -326,32 +312,12 @@ def test_hog_equals_naive_loop(size, patch, batch):  # an odd patch: TRAIN_ERROR
     expect = torch.tensor([naive_hog(im, patch) for im in imgs], dtype=torch.float64)  # (B, N, 108)
     torch.testing.assert_close(sm.hog_target(imgs, patch), expect, atol=1e-10, rtol=1e-8)
 
-def test_pixel_target_is_normalised_per_patch_and_the_target_fp32_under_bf16_autocast():
-    imgs = torch.rand(2, 3, 32, 32) * 5 + 3
-    t = sm.pixel_target(imgs, 4)                                 # (2, 64, 48)
-    torch.testing.assert_close(t.mean(-1), torch.zeros(2, 64), atol=1e-5, rtol=0)
-    torch.testing.assert_close(t.std(-1), torch.ones(2, 64), atol=1e-4, rtol=0)
-    patch = imgs[0, :, 4:8, 8:12].permute(1, 2, 0).reshape(-1)   # patch (1, 2)
-    torch.testing.assert_close(t[0, 10], (patch - patch.mean()) / (patch.var() + 1e-6) ** 0.5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        t = sm.SemanticMIM(tiny()).target(imgs)                  # HOG
-    assert t.dtype == torch.float32 and torch.equal(t, sm.hog_target(imgs, 4))
-
-def test_loss_is_mse_on_masked_patches_only():
-    model, cfg, imgs, keep, mask = seeded(target="pixel")
-    with torch.no_grad():
-        pred = model.predict(imgs, keep, mask)[0]
-        expect = ((pred - sm.gather_tokens(sm.pixel_target(imgs, 4), mask)) ** 2).mean()
-        assert pred.shape == (2, cfg.num_masked, 48)
-        torch.testing.assert_close(model(imgs, keep, mask), expect)
-
 @pytest.mark.parametrize("baseline", [False, True])
 def test_tiny_model_overfits_one_batch(baseline):
     torch.manual_seed(0)
     cfg = tiny(baseline=baseline, dim=64, target="pixel")
     model, imgs, (keep, mask) = sm.SemanticMIM(cfg), torch.randn(8, 3, 32, 32), masks(cfg, 8)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
-    losses = []
+    opt, losses = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0), []
     for _ in range(200):
         loss = model(imgs, keep, mask)
         opt.zero_grad()
@@ -360,21 +326,27 @@ def test_tiny_model_overfits_one_batch(baseline):
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
-def test_a_checkpoint_rebuilds_its_own_model_and_a_mismatch_is_refused(tmp_path):
-    model, cfg, imgs, keep, mask = seeded()
+def test_loss_is_mse_on_masked_patches_only_and_a_checkpoint_rebuilds_its_own_model(tmp_path):
+    model, cfg, imgs, keep, mask = seeded(target="pixel")
+    with torch.no_grad():
+        pred = model.predict(imgs, keep, mask)[0]
+        expect = ((pred - sm.gather_tokens(sm.pixel_target(imgs, 4), mask)) ** 2).mean()
+        assert pred.shape == (2, cfg.num_masked, 48)
+        torch.testing.assert_close(model(imgs, keep, mask), expect)
     path = str(tmp_path / "checkpoint.pt")
     torch.save(dict(model=model.state_dict(), config=asdict(cfg)), path)
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]             # no temporary file left
     loaded, _ = train.load_model(path)
     assert loaded.cfg == cfg and not loaded.training
     assert torch.equal(loaded.predict(imgs, keep, mask)[0],
                        model.eval().predict(imgs, keep, mask)[0])
     torch.save(dict(model=model.state_dict(), config=asdict(tiny(num_proxies=1))), path)
-    with pytest.raises(SystemExit, match="size mismatch for pos_embed"):
+    with pytest.raises(SystemExit, match="size mismatch for pos_embed"):  # another shape
         train.load_model(path)
 
 # ---- 2. pre-training: schedule, data, runs, resume, processes -----------------------------------
-def test_lr_schedule_and_parameter_groups():
+def test_lr_schedule_parameter_groups_and_the_lr_is_blr_x_global_batch_over_256_warmed_up(runs):
+    """runs/sm (--blr 0.05, batch 16, 8 steps): peak 0.05 * 16 / 256, round(0.8) = 1 warm-up
+    step (a tenth of the run); the optimizer holds the lr that the log reports."""
     lrs = [train.lr_at(s, 100, 10, 1.0, 1e-6) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3  # cosine down
@@ -385,34 +357,37 @@ def test_lr_schedule_and_parameter_groups():
         names[id(p)] for p in no_decay["params"]}
     assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
-
-def test_the_lr_is_blr_times_the_global_batch_over_256_warmed_up_over_a_tenth_of_the_run(runs):
-    """runs/sm: --blr 0.05, batch 16, 8 steps: peak 0.05 * 16 / 256, round(0.8) = 1 warm-up
-    step; the optimizer holds the lr that the log reports."""
     log = train.read_log(runs / "sm" / "log.jsonl")
     assert [r["lr"] for r in log] == pytest.approx(
         [train.lr_at(s - 1, 8, 1, 0.05 * 16 / 256) for s in (2, 4, 6, 8)], rel=1e-12)
     groups = torch.load(runs / "sm" / "checkpoint.pt", weights_only=True)["optimizer"]
     assert [g["lr"] for g in groups["param_groups"]] == [log[-1]["lr"]] * 2
 
-def test_clip_bounds_the_norm_of_the_gradient_the_optimizer_applies(tmp_path):
-    """--clip c: AdamW steps on the gradient scaled to norm c where its norm is above c."""
+def test_clip_bounds_the_gradient_norm_and_independent_mask_reaches_the_masks_of_every_step(
+        tmp_path, monkeypatch):
+    """--clip c: AdamW steps on the gradient scaled to norm c where its norm is above c.
+    --independent-mask: every step draws its [MASK] set apart; the checkpoint keeps it."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
-    norms = []                                              # at every optimizer step
+    norms, real, seen = [], sm.random_masking, []           # norms: at every optimizer step
+    monkeypatch.setattr(sm, "random_masking", lambda *a: seen.append(a[-1]) or real(*a))
     hook = register_optimizer_step_pre_hook(lambda opt, *_: norms.append(float(torch.cat(
         [p.grad.flatten() for g in opt.param_groups for p in g["params"]]).norm())))
     try:
-        for clip in ("0", "1e-3"):                          # 0: off; the same first step
-            train.main(TINY_RUN + ["--clip", clip, "--stop-at", "1", "--out", str(tmp_path / clip)])
+        for clip, stop in (("0", "2"), ("1e-3", "1")):      # 0: off; the same first step
+            train.main(TINY_RUN + ["--clip", clip, "--stop-at", stop, "--independent-mask",
+                                   "--out", str(tmp_path / clip)])
     finally:
         hook.remove()
-    assert norms[0] > 1e-2 and norms[1] == pytest.approx(1e-3, rel=1e-4), norms
+    assert norms[0] > 1e-2 and norms[2] == pytest.approx(1e-3, rel=1e-4), norms
+    saved = torch.load(tmp_path / "0" / "checkpoint.pt", weights_only=True)["config"]
+    assert seen == [True] * 3 and saved["independent_mask"] is True
 
-def test_the_defaults_are_the_authors_settings():
+def test_the_defaults_are_the_authors_settings(ckpt):
     """train.py on a folder: their ViT-B/16, lr 1.6e-3 at batch 2048, AdamW betas (0.9, 0.999),
     wd 0.05, clip 0.02, cosine to 1e-6, crops of scale (0.5, 1), no autocast on a CPU; probe.py:
     AdamW lr 4e-3, wd 1e-4, batch 1024, 100 epochs; kNN k 20, T 0.07."""
-    a, p = train.parse_args(["--data", "x"]), probe.build_parser().parse_args(["c"])
+    a, p = train.parse_args(["--data", "x"]), probe.build_parser().parse_args([ckpt])
+    probe.load(p)                                   # None: the default of the probe (not --dense)
     assert sm.PRESETS[a.preset] == sm.Config(224, 16, 768, 12, 12, 4.0, 8, 0.8, "hog", False)
     assert (a.dataset, a.blr * 2048 / 256, a.weight_decay, a.clip, a.min_lr, a.min_crop) == (
         "imagefolder", pytest.approx(1.6e-3), 0.05, 0.02, 1e-6, 0.5)
@@ -421,7 +396,7 @@ def test_the_defaults_are_the_authors_settings():
     assert (p.lr, p.weight_decay, p.probe_batch_size, p.epochs, p.k, p.temperature) == (
         4e-3, 1e-4, 1024, 100, 20, 0.07)
 
-def test_batch_augmentation_crops_and_flips():
+def test_batches_crop_and_flip_and_every_epoch_visits_every_image_once_in_a_new_order(monkeypatch):
     x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     whole = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9]] * 2)      # scale 1, ratio 1, centred, no flip
     torch.testing.assert_close(train.augment(x, 28, whole), x.float() / 255, atol=1e-5, rtol=0)
@@ -431,10 +406,7 @@ def test_batch_augmentation_crops_and_flips():
     out = train.augment(x, 32, torch.rand(2, 5))
     assert out.shape == (2, 1, 32, 32) and 0 <= out.min() and out.max() <= 1
     assert train.to_model_input(x, 32, (0.5,) * 3, (0.25,) * 3).shape == (2, 3, 32, 32)
-
-def test_every_epoch_visits_every_image_once_in_a_new_order(monkeypatch):
-    """The sampler is set to each epoch: another epoch, another order; the same epoch, the same
-    order (resume), and a start at batch 3 is that order from image 3 x 16 on."""
+    # each epoch its own order, the same again (resume); from batch 3: that order from image 48
     monkeypatch.setattr(train, "batches", lambda images, keys, *a: [i for _, i in keys])
     args = train.parse_args(TINY_RUN)
     steps, epoch, _ = train.train_batches(args, train.build_config(args), 0, 1,
@@ -461,8 +433,10 @@ def test_offline_fashion_mnist_reads_idx_files_and_no_network_names_the_offline_
     with pytest.raises(SystemExit, match="offline choices: --dataset fashion_mnist"):
         train.load_split("cifar10", str(tmp_path), "train", 32)
 
-def test_image_files_of_every_format_decode_to_the_rgb_pixels_pil_sees(tmp_path):
-    """torchvision.io: JPEG, PNG (16-bit scaled, where PIL clips), odd sizes; PIL: BMP, TIFF."""
+def test_image_files_of_every_format_decode_to_the_rgb_pixels_pil_sees_with_or_without_decoders(
+        tmp_path, monkeypatch):
+    """torchvision.io: JPEG, PNG (16-bit scaled, where PIL clips), odd sizes; PIL: BMP, TIFF, and
+    every format on a torchvision without decoders (0.29 deprecates them for TorchCodec)."""
     rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     files = {"rgb.jpg": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb[..., 0]),
              "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"), "rgb.tiff": Image.fromarray(rgb),
@@ -474,25 +448,14 @@ def test_image_files_of_every_format_decode_to_the_rgb_pixels_pil_sees(tmp_path)
         with Image.open(tmp_path / name) as f:
             expect = torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1)
         assert x.dtype == torch.uint8 and torch.equal(x, expect), name
-    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
-    assert torch.equal(train.decode_image(str(tmp_path / "deep.png")),
-                       torch.from_numpy(rgb[..., 0]).expand(3, -1, -1))
-    crop = train.folder_transform(32, True)(train.decode_image(str(tmp_path / "rgb.jpg")))
-    assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
-
-def test_image_files_decode_to_the_same_pixels_with_pil_on_a_torchvision_without_decoders(
-        tmp_path, monkeypatch):
-    """torchvision 0.29 deprecates torchvision.io's decoders for TorchCodec; without them: PIL."""
-    rgb = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    files = {"rgb.jpg": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb[..., 0]),
-             "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),    # 16-bit: both bytes
-             "deep.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 256 + rgb[..., 1])}
-    for name, im in files.items():
-        im.save(tmp_path / name)
-    expect = {name: train.decode_image(str(tmp_path / name)) for name in files}  # torchvision
+    deep = rgb[..., 0].astype(np.uint16) * 256 + rgb[..., 1]    # 16-bit: both bytes differ
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    expect = {name: train.decode_image(str(tmp_path / name)) for name in [*files, "deep.png"]}
     assert torch.equal(expect["deep.png"], torch.from_numpy(rgb[..., 0]).expand(3, -1, -1))
+    crop = train.folder_transform(32, True)(expect["rgb.jpg"])
+    assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
     monkeypatch.delattr(train.torchvision.io, "decode_image")
-    for name in files:
+    for name in expect:
         assert torch.equal(train.decode_image(str(tmp_path / name)), expect[name]), name
 
 def test_image_folder_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
@@ -510,8 +473,7 @@ def test_image_folder_augmentation_is_a_function_of_seed_epoch_and_index(tmp_pat
                                             (1,) * 3, **k)))
     assert every(6).shape == (6, 3, 32, 32) and torch.equal(every(6), every(2, workers=2))
 
-def test_image_folder_training_cuts_workers_to_the_cpus_and_stops_at_an_unreadable_image(
-        tmp_path):
+def test_image_folder_training_cuts_workers_to_the_cpus_and_stops_at_an_unreadable_image(tmp_path):
     """--workers 64: a note, no PyTorch warning; a truncated file stops in one line, unused."""
     write_image_folder(tmp_path, "train", 8, lambda c, i: (40 * c + i, 90, 200))
     out, cpus = tmp_path / "run", len(os.sched_getaffinity(0))
@@ -556,8 +518,9 @@ def test_on_a_cluster_workers_share_the_node_lines_name_nodes_v100s_get_fp16_ran
         events.clear(), train.load_split("cifar10", "data", "train", 32)
         assert events == order
 
-def test_a_new_run_moves_a_log_without_checkpoint_aside_and_ends_naming_the_next_commands(
+def test_a_log_not_of_the_checkpoint_moves_aside_and_a_run_ends_naming_the_next_commands(
         tmp_path, capsys):
+    """A log without checkpoint, or beside a checkpoint.pt replaced by another run's: set aside."""
     out, old = tmp_path / "my run", '{"step": 2, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n' * 3
     out.mkdir()
     (out / "log.jsonl").write_text(old)
@@ -565,8 +528,7 @@ def test_a_new_run_moves_a_log_without_checkpoint_aside_and_ends_naming_the_next
         train.main(TINY_RUN + ["--out", str(out)] + (["--resume"] if again else []))
         path = str(out / "checkpoint.pt")
         quoted = "'" + path + "'"                           # shell-quoted: the folder has a space
-        lines = capsys.readouterr().out.splitlines()
-        timm_file = "'" + str(out / "timm.pth") + "'"
+        lines, timm_file = capsys.readouterr().out.splitlines(), "'" + str(out / "timm.pth") + "'"
         assert lines[-5:] == [f"checkpoint: {path}", "next:", f"  python probe.py {quoted}",
                               f"  python visualize.py {quoted}", f"  python probe.py {quoted} "
                               f"--timm {timm_file}   # the encoder for timm, to fine-tune"]
@@ -576,89 +538,91 @@ def test_a_new_run_moves_a_log_without_checkpoint_aside_and_ends_naming_the_next
     assert (out / "log.None.jsonl").read_text() == old      # kept, as it was
     log = train.read_log(out / "log.jsonl")                 # a record per progress line
     assert [r["step"] for r in log] == [2, 4, 6, 8] and all(r["img_per_s"] > 0 for r in log)
+    other = tmp_path / "other"
+    train.main(TINY_RUN + ["--dim", "64", "--stop-at", "4", "--out", str(other)])
+    shutil.copy(other / "checkpoint.pt", out / "checkpoint.pt")
+    runs_of = lambda d: [(r["step"], r["run"]) for r in train.read_log(d / "log.jsonl")]
+    second, aside = runs_of(other)[0][1], out / f"log.{log[0]['run']}.jsonl"
+    train.main(["--resume", "--out", str(out)])
+    assert f"moved it to {aside}; a new log starts" in capsys.readouterr().out
+    assert runs_of(out) == [(6, second), (8, second)] and len(train.read_log(aside)) == 4
 
 @pytest.mark.parametrize("amp,stop,saved", [("bf16", ["--stop-at", "5"], 5), ("none", [], 3)])
 def test_a_stopped_run_resumes_bitwise_to_the_uninterrupted_run(amp, stop, saved, tmp_path,
-                                                                monkeypatch):
-    """--stop-at 5 saves at step 5; a SIGTERM in step 3 right after it, not at step 4's line."""
+                                                                monkeypatch, capsys):
+    """--stop-at 5 saves at step 5; a SIGTERM in step 3 right after it, not at step 4's line. A
+    log line cut short by a kill is dropped on reading; --resume logs each step once."""
     args, before = TINY_RUN + ["--epochs", "2", "--amp", amp], signal.getsignal(signal.SIGTERM)
+    split, log = tmp_path / "split", tmp_path / "split" / "log.jsonl"
     train.main(args + ["--out", str(tmp_path / "full")])
     with monkeypatch.context() as m:
         if not stop:                                            # a pre-empted job
             patch_forward(m, lambda n, x: n == 3 and os.kill(os.getpid(), signal.SIGTERM) or x)
-        train.main(args + ["--out", str(tmp_path / "split")] + stop)
-    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["step"] == saved
-    train.main(["--resume", "--out", str(tmp_path / "split")])
+        train.main(args + ["--out", str(split)] + stop)
+    assert torch.load(split / "checkpoint.pt", weights_only=True)["step"] == saved
+    with open(log, "a") as f:
+        f.write('{"step": 6, "epoch": 0, "lo')                # kill -9 while writing step 6
+    capsys.readouterr()
+    assert [r["step"] for r in train.read_log(log)] == [s for s in (2, 4) if s < saved] + [saved]
+    assert "ends in a line cut short (a kill while writing): dropped it" in capsys.readouterr().out
+    train.main(["--resume", "--out", str(split)])
     a, b = (weights_of(tmp_path / d / "checkpoint.pt") for d in ("full", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [rec["step"] for rec in train.read_log(tmp_path / "split" / "log.jsonl")]
+    steps = [r["step"] for r in train.read_log(log)]
     assert steps == sorted(set(steps)) and steps[-1] == 16      # no duplicated log lines
     assert signal.getsignal(signal.SIGTERM) is before            # handlers are restored
+    log.write_text('{"step": 2}\nnot json\n{"step": 4}\n')
+    with pytest.raises(SystemExit, match="line 2 is not JSON: repair or remove that line"):
+        train.read_log(log)
 
-def test_a_second_signal_aborts_at_once_and_saves_nothing(tmp_path, monkeypatch):
-    """Two SIGTERMs in step 3 (Ctrl-C twice): KeyboardInterrupt there, no save at step 4."""
+@pytest.mark.parametrize("minutes,saved", [(0, None), (1e-9, 4)])
+def test_ckpt_minutes_saves_at_the_first_progress_line_once_due_a_second_signal_aborts(
+        minutes, saved, tmp_path, monkeypatch):
+    """Two SIGTERMs in step 6 (Ctrl-C twice): KeyboardInterrupt there, no save, no line of step 6
+    (one would save). --ckpt-every far: --ckpt-minutes due at once saved at step 4; 0 never."""
     def twice(n, loss):
-        for _ in range(2 if n == 3 else 0):
+        for _ in range(2 if n == 6 else 0):
             os.kill(os.getpid(), signal.SIGTERM)
         return loss
     patch_forward(monkeypatch, twice)
     with pytest.raises(KeyboardInterrupt):
-        train.main(TINY_RUN + ["--out", str(tmp_path)])
-    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "run.lock"]
-    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2]  # step 3 ended it
-
-@pytest.mark.parametrize("minutes,saved", [(0, None), (1e-9, 4)])
-def test_ckpt_minutes_saves_at_the_first_progress_line_once_due(minutes, saved, tmp_path,
-                                                                 monkeypatch):
-    """Killed at step 6, --ckpt-every far: --ckpt-minutes due at once saved at step 4; 0 never."""
-    patch_forward(monkeypatch, lambda n, loss: loss if n < 6 else mock.Mock(
-        side_effect=KeyboardInterrupt)())                       # killed in step 6
-    out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
         train.main(TINY_RUN + ["--ckpt-every", "1000", "--ckpt-minutes", str(minutes),
-                               "--out", str(out)])
-    path = out / "checkpoint.pt"
+                               "--out", str(tmp_path)])
+    path = tmp_path / "checkpoint.pt"
     assert (torch.load(path, weights_only=True)["step"] if path.exists() else None) == saved
+    assert set(os.listdir(tmp_path)) - {"checkpoint.pt"} == {"log.jsonl", "run.lock"}
+    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2, 4]  # 6 ended it
 
-def test_resume_cuts_the_log_back_to_the_checkpoints_step(tmp_path, monkeypatch):
-    """Killed in step 7: checkpoint at 4, log to 6; --resume logs 6 and 8 anew, 6 once."""
+def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resume_cuts_the_log_back(
+        tmp_path, monkeypatch):
+    """NaN from step 7: checkpoint at 4, log to 6; --resume logs 5 and 6 anew, once, then 7, 8."""
     with monkeypatch.context() as m:
-        patch_forward(m, lambda n, loss: loss if n < 7 else mock.Mock(
-            side_effect=KeyboardInterrupt)())
-        with pytest.raises(KeyboardInterrupt):
-            train.main(TINY_RUN + ["--ckpt-every", "4", "--out", str(tmp_path)])
-    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2, 4, 6]
-    train.main(["--resume", "--out", str(tmp_path)])
-    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2, 4, 6, 8]
-
-def test_independent_mask_reaches_the_masks_of_every_step(tmp_path, monkeypatch):
-    """--independent-mask: every step draws its [MASK] set apart; the checkpoint keeps it."""
-    real, seen = sm.random_masking, []
-    monkeypatch.setattr(sm, "random_masking", lambda *a: seen.append(a[-1]) or real(*a))
-    train.main(TINY_RUN + ["--independent-mask", "--stop-at", "2", "--out", str(tmp_path)])
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
-    assert seen == [True, True] and saved["independent_mask"] is True
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    patch_forward(monkeypatch, lambda n, loss: loss * float("nan") if n > 6 else loss)
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"loss is nan .*checkpoint .* \(step 4\) is intact"):
-        train.main(TINY_RUN + ["--ckpt-every", "4", "--log-every", "1", "--out", str(out)])
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        patch_forward(m, lambda n, loss: loss * float("nan") if n > 6 else loss)
+        with pytest.raises(SystemExit, match=r"loss is nan .*checkpoint .* \(step 4\) is intact"):
+            train.main(TINY_RUN + ["--ckpt-every", "4", "--log-every", "1", "--out", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+    train.main(["--resume", "--out", str(tmp_path)])
+    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == list(range(1, 9))
 
-def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path):
-    args = TINY_RUN + ["--epochs", "2", "--blr", "0.05", "--clip", "0"]
+def test_micro_batches_that_may_change_on_resume_and_two_gloo_processes_equal_the_full_batch(
+        tmp_path):
+    """The same global batch, clipped after accumulating: 1 process in micro-batches of 4 then
+    8 (resumed), 2 processes in micro-batches of 4, give the weights of full batches."""
+    args = TINY_RUN + ["--epochs", "2", "--blr", "0.05"]
     train.main(args + ["--out", str(tmp_path / "one")])
+    train.main(args + ["--micro-batch", "4", "--stop-at", "5", "--out", str(tmp_path / "micro")])
+    train.main(["--resume", "--micro-batch", "8", "--out", str(tmp_path / "micro")])
     r = torchrun("train.py", *args, "--micro-batch", "4", "--out", tmp_path / "two")
     assert r.returncode == 0, r.stderr
-    a, b = (weights_of(tmp_path / d / "checkpoint.pt") for d in ("one", "two"))
+    a, *others = (weights_of(tmp_path / d / "checkpoint.pt") for d in ("one", "micro", "two"))
     torch.manual_seed(0)
     init = sm.SemanticMIM(sm.Config(**torch.load(tmp_path / "one" / "checkpoint.pt",
                                                  weights_only=True)["config"])).state_dict()
     moved = max((a[k] - init[k]).abs().max().item() for k in a)
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert moved > 1e-2 and diff < 1e-5, (moved, diff)
+    diffs = [max((a[k] - b[k]).abs().max().item() for k in a) for b in others]
+    assert moved > 1e-2 and max(diffs) < 1e-5, (moved, diffs)
 
 @pytest.mark.parametrize("baseline,plain", [(False, False), (True, False), (True, True)])
 def test_analytic_flop_count_equals_torch_flop_counter(baseline, plain, monkeypatch):
@@ -673,7 +637,8 @@ def test_analytic_flop_count_equals_torch_flop_counter(baseline, plain, monkeypa
     matmuls = sum(v for k, v in counts.items() if "convolution" not in str(k))  # not the HOG
     assert matmuls == 2 * bench.flops_per_image(cfg, plain)
 
-def test_bench_reports_the_three_models_and_the_loader(capsys):
+def test_bench_reports_the_models_and_times_the_training_batches(tmp_path, monkeypatch, capsys):
+    """3 models; the loader: the real (B, 3, S, S) batches train.py gets (folder, workers)."""
     results = bench.main(TINY_RUN + ["--batch-size", "8"])
     loader = results.pop("loader")                      # --dataset given: the loader is timed
     assert set(results) == {"SemanticMIM", "baseline", "plain ViT"} and loader["img_per_s"] > 0
@@ -688,9 +653,6 @@ def test_bench_reports_the_three_models_and_the_loader(capsys):
     assert "matmul peak" in out and "% of peak" in out and "bookkeeping costs" in out
     assert "command: python experiments/bench.py --dataset synthetic" in out
     assert "loader (synthetic, in memory, augmented on cpu)" in out
-
-def test_bench_loader_times_the_training_batches(tmp_path, monkeypatch):
-    """It times real (B, 3, S, S) batches as train.py gets them (folder, workers): images / time."""
     write_image_folder(tmp_path, "train", 12, lambda c, i: (40 * c + i, 90, 200),
                        size=lambda i: (50, 40), ext="jpg")
     args = train.parse_args(["--data", str(tmp_path), "--preset", "cifar", "--batch-size", "4",
@@ -704,51 +666,32 @@ def test_bench_loader_times_the_training_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "batches", counting)
     clock = iter(range(100))                            # perf_counter: 1 s per call
     monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
-    assert bench.bench_loader(args, cfg, torch.device("cpu"), batches=3) == 3 * 4 / 1.0
+    assert bench.bench_loader(args, cfg, torch.device("cpu"), batches=3) == 3 * 4 / 1.0  # img/s
     assert shapes == [(4, 3, 32, 32)] * 4               # 1 warm-up + 3 timed batches
 
-def test_a_failed_save_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path,
-                                                                            monkeypatch, capsys):
-    """A full disk at the 2nd save: one line (folder, cause, what next), no temp file, step 4."""
-    real, out = torch.save, tmp_path / "run"
+def test_a_failed_save_or_log_write_stops_in_one_line_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    """A full disk at the 2nd save: one line (folder, cause, what next), no temp file, step 4;
+    at the first log line: one line, no checkpoint."""
+    real, out, full = torch.save, tmp_path / "run", OSError(errno.ENOSPC, "No space left on device")
 
     def full_disk(obj, path, *a, **k):
         if os.path.exists(out / "checkpoint.pt"):
             open(path, "wb").write(b"partial")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise full
         return real(obj, path, *a, **k)
     monkeypatch.setattr(torch, "save", full_disk)
-    status, line = one_line(train.main, TINY_RUN + ["--ckpt-every", "4", "--out", str(out)],
-                            capsys)
+    status, line = one_line(train.main, TINY_RUN + ["--ckpt-every", "4", "--out", str(out)], capsys)
     assert (status, line) == (1, f"error: could not write the checkpoint {out}/checkpoint.pt (No "
-                                 f"space left on device); the checkpoint of step 4 is intact: "
-                                 f"free space or fix the folder {out}, then run again with "
-                                 f"--resume")
+                                 f"space left on device); the checkpoint of step 4 is intact: free "
+                                 f"space or fix the folder {out}, then run again with --resume")
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", "run.lock"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
-
-def test_a_failed_log_write_stops_in_one_line(tmp_path, monkeypatch, capsys):
-    def full_disk(path, mode="r", *a, **k):
-        if str(path).endswith("log.jsonl") and mode == "a":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return open(path, mode, *a, **k)
-    monkeypatch.setattr(train, "open", full_disk, raising=False)
-    status, line = one_line(train.main, TINY_RUN + ["--out", str(tmp_path)], capsys)
-    assert status == 1 and line.startswith(f"error: could not write the log {tmp_path}/log.jsonl "
-                                           f"(No space left on device); no checkpoint was written")
-
-def test_a_log_cut_short_by_a_kill_is_read_without_its_last_line_and_resumed(tmp_path, capsys):
-    train.main(TINY_RUN + ["--epochs", "2", "--stop-at", "4", "--out", str(tmp_path)])
-    with open(tmp_path / "log.jsonl", "a") as f:
-        f.write('{"step": 6, "epoch": 0, "lo')                # kill -9 while writing step 6
-    capsys.readouterr()
-    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [2, 4]
-    assert "ends in a line cut short (a kill while writing): dropped it" in capsys.readouterr().out
-    train.main(["--resume", "--out", str(tmp_path)])
-    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == list(range(2, 17, 2))
-    (tmp_path / "log.jsonl").write_text('{"step": 2}\nnot json\n{"step": 4}\n')
-    with pytest.raises(SystemExit, match="line 2 is not JSON: repair or remove that line"):
-        train.read_log(tmp_path / "log.jsonl")
+    monkeypatch.setattr(train, "open", lambda path, mode="r", *a, **k: open(path, mode, *a, **k)
+                        if mode != "a" else mock.Mock(side_effect=full)(), raising=False)  # log
+    status, line = one_line(train.main, TINY_RUN + ["--out", str(tmp_path / "b")], capsys)
+    assert status == 1 and line.startswith(f"error: could not write the log {tmp_path}/b/log.jsonl"
+                                           f" (No space left on device); no checkpoint was written")
 
 @pytest.mark.parametrize("launch", ["torchrun", "process group"])
 def test_sigterm_with_image_folder_workers_saves_after_that_step_and_resumes(launch, tmp_path):
@@ -797,26 +740,6 @@ def test_resume_refuses_other_data_and_follows_the_same_images_to_another_path_b
     train.main(["--resume", "--out", str(out), "--data", str(tmp_path / "moved")])
     a, b = (weights_of(d / "checkpoint.pt") for d in (tmp_path / "full", out))
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-def test_a_log_of_another_run_is_set_aside_not_continued(tmp_path, capsys):
-    """A folder whose checkpoint.pt was replaced by another run's: its log moves aside."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    train.main(TINY_RUN + ["--out", str(a)])
-    train.main(TINY_RUN + ["--dim", "64", "--stop-at", "4", "--out", str(b)])
-    shutil.copy(b / "checkpoint.pt", a / "checkpoint.pt")
-    runs_of = lambda d, f="log.jsonl": [(r["step"], r["run"]) for r in train.read_log(d / f)]
-    first, second = runs_of(a)[0][1], runs_of(b)[0][1]
-    train.main(["--resume", "--out", str(a)])
-    assert f"moved it to {a / f'log.{first}.jsonl'}; a new log starts" in capsys.readouterr().out
-    assert runs_of(a) == [(6, second), (8, second)] and len(runs_of(a, f"log.{first}.jsonl")) == 4
-
-def test_micro_batches_give_the_full_batch_run_and_may_change_on_resume(tmp_path):
-    args = TINY_RUN + ["--epochs", "2", "--blr", "0.05"]     # clipped: after accumulating
-    train.main(args + ["--out", str(tmp_path / "full")])
-    train.main(args + ["--micro-batch", "4", "--stop-at", "5", "--out", str(tmp_path / "micro")])
-    train.main(["--resume", "--micro-batch", "8", "--out", str(tmp_path / "micro")])
-    a, b = (weights_of(tmp_path / d / "checkpoint.pt") for d in ("full", "micro"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 def test_the_training_step_makes_no_device_tensor_from_python_values_and_reads_none_back(
         tmp_path, monkeypatch):
@@ -890,8 +813,7 @@ TRAIN_ERRORS = [([flag, v], FLAG.format(flag, v, rule)) for flag, v, rule in (
     (["--out", "{tmp}/weights/checkpoint.pt"], "error: {tmp}/weights/checkpoint.pt is not a "
                                                "folder: choose another path"),
     (["--out", "{tmp}/weights/checkpoint.pt/a"], "error: {tmp}/weights/checkpoint.pt/a cannot be "
-     "written: {tmp}/weights/checkpoint.pt is a file: choose another path"),
-]
+     "written: {tmp}/weights/checkpoint.pt is a file: choose another path")]
 
 @pytest.mark.parametrize("argv,message", TRAIN_ERRORS)
 def test_every_bad_train_input_is_one_line_and_writes_nothing(argv, message, ckpt, tmp_path,
@@ -971,36 +893,27 @@ def test_bad_inputs_end_in_one_line_without_a_traceback_in_real_processes(ckpt, 
         assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
 
 # ---- 4. probe.py: the classifiers, the features, whole runs, processes, bad input ----------------
-def top1(conf):
-    return (conf.trace() / conf.sum()).item()
-
-def test_linear_probe_learns_separable_features_and_not_random_labels():
-    """Quadrants of two random hyperplanes (a margin kept): linearly separable, not clustered."""
+def test_linear_probe_learns_separable_features_not_random_labels_and_scores_the_test_split():
+    """Quadrants of two random hyperplanes (a margin kept): linearly separable, not clustered.
+    One-hot-like features: 100% on test features of the same law, 0% on test features moved one
+    class on, chance when only the test labels are permuted (chance: 0.25)."""
     g = torch.Generator().manual_seed(0)
+
+    def acc(x, y, n, test_f, test_y, epochs=100, batch=256):    # trained on the first n
+        conf = probe.fit_head(lambda e: x[:n], lambda e: y[:n], test_f, test_y, 4, epochs, 4e-3,
+                              1e-4, batch)
+        return (conf.trace() / conf.sum()).item()
     x = torch.randn(4000, 16, generator=g)                  # (n, 16)
     f = x @ torch.nn.functional.normalize(torch.randn(16, 2, generator=g), dim=0)  # (n, 2)
     x, f = x[(f.abs() > 0.5).all(1)], f[(f.abs() > 0.5).all(1)]
-    y = (f[:, 0] > 0).long() * 2 + (f[:, 1] > 0).long()     # 4 classes
-    tr, te = slice(0, len(x) * 2 // 3), slice(len(x) * 2 // 3, None)
-
-    def acc(labels):
-        return top1(probe.fit_head(lambda e: x[tr], lambda e: labels[tr], x[te], labels[te], 4,
-                                   100, 4e-3, 1e-4, 256))
-    assert acc(y) >= 0.98
-    assert acc(y[torch.randperm(len(y), generator=g)]) < 0.45  # chance is 0.25
-
-def test_linear_probe_is_scored_on_the_test_split():
-    """Trained on one-hot-like features: 100% on test features of the same law, 0% on test
-    features moved one class on, chance when only the test labels are permuted."""
-    g = torch.Generator().manual_seed(0)
+    y, n = (f[:, 0] > 0).long() * 2 + (f[:, 1] > 0).long(), len(x) * 2 // 3  # 4 classes
+    rand = y[torch.randperm(len(y), generator=g)]
+    assert acc(x, y, n, x[n:], y[n:]) >= 0.98 and acc(x, rand, n, x[n:], rand[n:]) < 0.45
     y = torch.randint(4, (600,), generator=g)
     x = torch.nn.functional.one_hot(y, 4).float() + 0.1 * torch.randn(600, 4, generator=g)
-
-    def acc(test_f, test_y):
-        return top1(probe.fit_head(lambda e: x[:400], lambda e: y[:400], test_f, test_y, 4, 20,
-                                   4e-3, 1e-4, 100))
-    assert acc(x[400:], y[400:]) == 1 and acc(x[400:].roll(1, 1), y[400:]) == 0
-    assert acc(x[400:], y[400:][torch.randperm(200, generator=g)]) < 0.45  # chance: 0.25
+    assert acc(x, y, 400, x[400:], y[400:], 20, 100) == 1
+    assert acc(x, y, 400, x[400:].roll(1, 1), y[400:], 20, 100) == 0
+    assert acc(x, y, 400, x[400:], y[400:][torch.randperm(200, generator=g)], 20, 100) < 0.45
 
 def test_dense_scores_are_a_naive_per_class_loop_and_ignored_pixels_count_nowhere():
     g = torch.Generator().manual_seed(0)
@@ -1112,11 +1025,10 @@ def test_dense_voc_reads_torchvisions_layout_and_refuses_a_label_outside_its_cla
     with pytest.raises(SystemExit, match=r"error: .*e.png holds label 40, not one of VOC's 21 "):
         probe.dense_split(args, "test", 32)
 
-def unit(*degrees):
-    a = torch.tensor(degrees, dtype=torch.float64).deg2rad()
-    return torch.stack([a.cos(), a.sin()], 1).float()      # (n, 2), cos(angle) = similarity
-
-def test_knn_is_dinos_weighted_vote():
+def test_knn_is_dinos_weighted_vote_and_batched_equals_their_loop_per_image():
+    def unit(*degrees):                                     # (n, 2), cos(angle) = similarity
+        a = torch.tensor(degrees, dtype=torch.float64).deg2rad()
+        return torch.stack([a.cos(), a.sin()], 1).float()
     test = unit(0)
     # one class-1 neighbour at similarity 0.9, two class-0 at 0.5, a far class 2: k = 3
     train_f, train_y = unit(25.84, 60, -60, 180), torch.tensor([1, 0, 0, 2])
@@ -1133,9 +1045,7 @@ def test_knn_is_dinos_weighted_vote():
     assert probe.knn_predict(train_f, train_y, test, 2, k=5).item() == 0
     # k larger than the training set: all vote
     assert probe.knn_predict(train_f, train_y, test, 2, k=20).item() == 0
-
-def test_batched_knn_equals_dinos_loop_per_image():
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)                    # batched: DINO's loop, per image
     train_f, test_f = torch.randn(300, 8, generator=g), torch.randn(70, 8, generator=g)
     train_y, expected = torch.randint(5, (300,), generator=g), []
     for q in torch.nn.functional.normalize(test_f, dim=1):  # DINO's one-hot formulation
@@ -1203,7 +1113,8 @@ def test_probe_progress_lines_every_ten_seconds_and_at_the_end(monkeypatch, caps
         "features: 40/100 images 3.6 images/s eta 0.3 min",
         "features: 100/100 images 3.3 images/s eta 0.0 min"]
 
-def test_probe_py_in_a_subprocess_reports_each_step_and_writes_json_beside_the_checkpoint(ckpt):
+def test_probe_py_in_a_subprocess_reports_each_step_writes_json_and_stops_on_ctrl_c_in_one_line(
+        ckpt, tmp_path):
     r = run("probe.py", ckpt, "--epochs", "10")
     assert r.returncode == 0, r.stderr
     for line in ("checkpoint patch L2: linear", "wrote " + os.path.dirname(ckpt),
@@ -1215,6 +1126,10 @@ def test_probe_py_in_a_subprocess_reports_each_step_and_writes_json_beside_the_c
     report = json.load(open(os.path.join(os.path.dirname(ckpt), "probe_patch_L2.json")))
     assert [row["dims"] for row in report["rows"]] == [32, 32, 3072]
     assert all(0 <= r["linear_top1"] <= 1 and 0 <= r["knn_top1"] <= 1 for r in report["rows"])
+    p = start(["probe.py", ckpt, "--epochs", "100000", "--out", tmp_path / "r"], "train: 128/")
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=60) == 1 and p.stderr.read() == "stopped by Ctrl-C\n"
+    assert os.listdir(tmp_path) == []
 
 @pytest.mark.parametrize("head", [["--pool", "proxy"], ["--dense", "mosaic"]])
 def test_two_gloo_processes_give_the_features_and_accuracies_of_one(head, ckpt, tmp_path):
@@ -1236,9 +1151,9 @@ def test_two_gloo_processes_give_the_features_and_accuracies_of_one(head, ckpt, 
         assert torch.allclose(tr, feats_two[name][0], atol=1e-5)
         assert torch.allclose(te, feats_two[name][1], atol=1e-5)
 
-def test_augmented_probe_trains_each_epoch_on_new_crops(ckpt, tmp_path, monkeypatch):
-    """--augmented: the training features of epoch e are its own crops, the same on every call,
-    other than epoch e+1's and than the plain images'."""
+def test_augmented_probe_trains_each_epoch_on_new_crops_and_the_raw_pixel_row_has_a_memory_cap(
+        ckpt, tmp_path, monkeypatch, capsys):
+    """--augmented: epoch e's own crops, the same on every call, not e+1's nor the plain images'."""
     seen = []
     monkeypatch.setattr(probe, "fit_head", lambda features_of_epoch, *a, **k: seen.extend(
         features_of_epoch(e) for e in (0, 1, 0)) or torch.eye(10, dtype=torch.long))
@@ -1246,37 +1161,23 @@ def test_augmented_probe_trains_each_epoch_on_new_crops(ckpt, tmp_path, monkeypa
                            str(tmp_path / "p.json")])
     assert torch.equal(seen[0], seen[2]) and not torch.allclose(seen[0], seen[1], atol=0.1)
     assert not torch.allclose(seen[0], feats["pixels", "pixels", None][0], atol=0.1)
+    monkeypatch.setattr(probe, "PIXELS_GIB", 1e-3)          # 160 images x 3072 x 4 B: 1.8e-3
+    report, _ = probe.main([ckpt, "--epochs", "1", "--out", str(tmp_path / "p.json")])
+    assert [r["row"] for r in report["rows"]] == ["checkpoint", "random weights"]  # left out
+    assert "note: no raw-pixel row: it would hold 0.00183 GiB on one" in capsys.readouterr().out
+    status, line = one_line(probe.main, [ckpt, "--rows", "pixels"], capsys)  # or refused
+    assert status == 1 and line.startswith("error: --rows pixels would hold 0.00183 GiB of raw")
 
-def test_image_folder_probe_reads_train_and_val(ckpt, tmp_path):
+def test_image_folder_probe_reads_train_and_val_and_cuts_more_workers_than_cpus_with_a_note(
+        ckpt, tmp_path, monkeypatch, capsys):
     for split, n in (("train", 6), ("val", 3)):
         write_image_folder(tmp_path, split, n, lambda c, i: (200 * c + i, 90, 40))
-    report, _ = probe.main([ckpt, "--dataset", "imagefolder", "--data", str(tmp_path),
-                            "--workers", "0", "--epochs", "5", "--augmented",
-                            "--probe-batch-size", "4"])
+    report, _ = probe.main([ckpt, "--dataset", "imagefolder", "--data", str(tmp_path), "--workers",
+                            "0", "--epochs", "5", "--augmented", "--probe-batch-size", "4"])
     assert (report["train_images"], report["test_images"], report["num_classes"]) == (12, 6, 2)
     assert report["rows"][2]["linear_top1"] == 1.0 and report["rows"][2]["knn_top1"] == 1.0
     name = "probe_patch_L2_imagefolder_aug.json"              # default name: data set differs
     assert os.path.isfile(os.path.join(os.path.dirname(ckpt), name))
-
-def test_the_raw_pixel_row_is_left_out_with_a_note_or_refused_above_its_memory_cap(
-        ckpt, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(probe, "PIXELS_GIB", 1e-3)          # 160 images x 3072 x 4 B: 1.8e-3
-    report, _ = probe.main([ckpt, "--epochs", "1", "--out", str(tmp_path / "p.json")])
-    assert [r["row"] for r in report["rows"]] == ["checkpoint", "random weights"]
-    assert "note: no raw-pixel row: it would hold 0.00183 GiB on one" in capsys.readouterr().out
-    status, line = one_line(probe.main, [ckpt, "--rows", "pixels"], capsys)
-    assert status == 1 and line.startswith("error: --rows pixels would hold 0.00183 GiB of raw")
-
-def test_ctrl_c_stops_probe_py_in_one_line_and_writes_no_report(ckpt, tmp_path):
-    p = start(["probe.py", ckpt, "--epochs", "100000", "--out", tmp_path / "r"], "train: 128/")
-    p.send_signal(signal.SIGINT)
-    assert p.wait(timeout=60) == 1 and p.stderr.read() == "stopped by Ctrl-C\n"
-    assert os.listdir(tmp_path) == []
-
-def test_more_workers_than_cpus_are_cut_with_a_note_and_no_pytorch_warning(
-        ckpt, tmp_path, monkeypatch, capsys):
-    for split in ("train", "val"):
-        write_image_folder(tmp_path, split, 2, lambda c, i: (200 * c, 90, 40))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # one CPU
     with warnings.catch_warnings():
         warnings.filterwarnings("error", ".*worker processes")  # DataLoader's, were 3 started
@@ -1298,8 +1199,7 @@ def test_timm_export_loads_strictly_and_timm_computes_our_features_block_by_bloc
         path = tmp_path / "checkpoint.pt"
         torch.save(dict(config=asdict(cfg), model=sm.SemanticMIM(cfg).state_dict(),
                         args={"dataset": "cifar10"}), path)
-    ours, _ = train.load_model(str(path))
-    file = tmp_path / "timm.pth"
+    (ours, _), file = train.load_model(str(path)), tmp_path / "timm.pth"
     probe.main([str(path), "--timm", str(file)])
     headless = timm.models.VisionTransformer(**probe.timm_kwargs(ours.cfg), num_classes=0)
     headless.load_state_dict(torch.load(file, weights_only=True), strict=True)
@@ -1363,8 +1263,7 @@ PROBE_ERRORS = [  # argv with {ckpt}, {tmp}, {noproxy} filled in; the one line o
         ("{ckpt}", "{ckpt} is the checkpoint being read (it would be replaced): choose another"),
         ("{tmp}/no/f", "{tmp}/no/f cannot be written: {tmp}/no does not exist: choose another"),
         ("{tmp}/noproxy.pt/r", "{tmp}/noproxy.pt/r cannot be written: {tmp}/noproxy.pt is a file"),
-        ("{tmp}/train", "{tmp}/train is a folder: choose another path"))],
-]
+        ("{tmp}/train", "{tmp}/train is a folder: choose another path"))]]
 
 @pytest.mark.parametrize("argv,message", PROBE_ERRORS)
 def test_every_bad_probe_input_is_one_line(argv, message, ckpt, tmp_path, capsys):
@@ -1466,15 +1365,13 @@ def test_every_bad_visualize_input_is_one_line_naming_the_fix_and_writes_nothing
     cfg = tiny(img_size=24)                                            # 24 px in 4 px patches
     torch.save({"config": asdict(cfg), "model": sm.SemanticMIM(cfg).state_dict()}, tmp_path / "o")
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(SystemExit) as e:
-        visualize.main(["--out", str(tmp_path / "fig")] + [
-            a.format(sm=runs / "sm" / "checkpoint.pt", tmp=tmp_path) for a in argv])
-    line = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
+    _, line = one_line(visualize.main, ["--out", str(tmp_path / "fig")] + [
+        a.format(sm=runs / "sm" / "checkpoint.pt", tmp=tmp_path) for a in argv], capsys)
     assert line.startswith("error: ") and "\n" not in line and re.search(message, line), line
     assert not (tmp_path / "fig").exists() and not (runs / "sm" / "figures").exists()
 
 # ---- attention maps, on hand-made attention (B, H, P+N, P+N): rows queries, proxies first
-def test_attention_maps_index_the_right_rows_and_upsample_puts_each_value_on_its_pixels():
+def test_attention_maps_index_the_right_rows_upsample_puts_values_on_pixels_hog_glyphs_edges():
     P, H, N, queries = 3, 2, 16, [5, 0, 15]
     attn = torch.rand(2, H, P + N, P + N).softmax(-1)
     maps = visualize.patch_query_maps(attn, queries, P)
@@ -1490,26 +1387,7 @@ def test_attention_maps_index_the_right_rows_and_upsample_puts_each_value_on_its
     maps = torch.arange(2 * 16, dtype=torch.float).reshape(2, 16)      # a 4x4 grid, upsampled
     img = visualize.upsample(maps, 4, 3)
     assert img.shape == (2, 12, 12) and img[1, 3:6, 6:9].eq(maps[1, 1 * 4 + 2]).all()
-
-def test_mask_to_proxy_comes_from_the_seeded_mask_stream_of_the_model():
-    model, _, imgs, _, _ = seeded()
-    ids_keep, ids_mask, pred, attn = visualize.masked_prediction(model, imgs, seed=3)
-    assert torch.equal(visualize.masked_prediction(model, imgs, seed=3)[1], ids_mask)
-    assert pred.shape == (2, model.cfg.num_masked, 108)
-    assert attn["mask"][0].shape == (2, 2, model.cfg.num_masked, 4 + model.cfg.num_masked)
-
-def test_pixel_unnormalisation_with_the_targets_statistics_recovers_the_image():
-    model, imgs = sm.SemanticMIM(tiny(target="pixel")), torch.randn(2, 3, 32, 32) * 2 + 1
-    ids_keep, ids_mask = sm.random_masking(2, 64, 52, torch.Generator().manual_seed(0), "cpu")
-    pred = sm.gather_tokens(model.target(imgs), ids_mask)              # a perfect prediction
-    patches = visualize.unnormalise_pixel_prediction(pred, imgs, ids_mask, 4)
-    masked = visualize.masked_input(imgs, ids_keep, 4, fill=0.0)
-    assert masked.eq(0).sum() == 2 * 52 * 48                           # the masked patches blank
-    assert torch.allclose(visualize.paste_patches(masked, patches, ids_mask, 4), imgs, atol=1e-5)
-
-def test_hog_glyphs_point_along_the_edges():
-    """A vertical edge gives vertical glyphs and a horizontal edge horizontal ones."""
-    img, dirs = torch.zeros(1, 3, 32, 32), visualize.edge_directions()
+    img, dirs = torch.zeros(1, 3, 32, 32), visualize.edge_directions()  # glyphs: edges
     img[..., 16:] = 1.0                                                # vertical edge at x = 16
     for x, (i, j), along in ((img, (5, 7), 1), (img.transpose(-1, -2), (7, 5), 0)):
         d = dirs[visualize.hog_cells(sm.hog_target(x, 4), 8)[0, i, j].argmax()].abs()  # (dx, dy)
@@ -1518,13 +1396,26 @@ def test_hog_glyphs_point_along_the_edges():
     t[0, 9, 1 * 36 + 4 * 4 + 1 * 2 + 0] = 3.0  # patch (1, 1): channel 1, bin 4, cell (1, 0)
     assert visualize.hog_cells(t, 8)[0, 3, 2, 4] == 1.0                # the channel mean
 
+def test_mask_to_proxy_comes_from_the_seeded_mask_stream_and_unnormalised_pixels_recover_it():
+    """A pixel prediction unnormalised with the target's statistics recovers the image."""
+    model, _, imgs, _, _ = seeded(target="pixel")
+    ids_keep, ids_mask, pred, attn = visualize.masked_prediction(model, imgs, seed=3)
+    assert torch.equal(visualize.masked_prediction(model, imgs, seed=3)[1], ids_mask)
+    assert pred.shape == (2, 52, 48) and attn["mask"][0].shape == (2, 2, 52, 4 + 52)  # P = 4
+    imgs = imgs * 2 + 1
+    pred = sm.gather_tokens(model.target(imgs), ids_mask)              # a perfect prediction
+    patches = visualize.unnormalise_pixel_prediction(pred, imgs, ids_mask, 4)
+    masked = visualize.masked_input(imgs, ids_keep, 4, fill=0.0)
+    assert masked.eq(0).sum() == 2 * 52 * 48                           # the masked patches blank
+    assert torch.allclose(visualize.paste_patches(masked, patches, ids_mask, 4), imgs, atol=1e-5)
+
 # ---- --stats: Figure 1 of the paper as numbers, on hand-made attention with known answers
 def stats_of(attn, P, grid, fg=None):
     """The statistics of one attention tensor (B, H, P+N, P+N), as --stats reports them."""
     dist = visualize.grid_distances(grid)
     return visualize.pooled_means([visualize.layer_stats(attn, P, dist, fg)])
 
-def test_stats_of_uniform_attention_are_the_uniform_reference():
+def test_stats_of_uniform_attention_are_the_uniform_reference_proxy_share_before_renormalising():
     P, grid, N = 3, 4, 16
     attn, fg = torch.full((2, 2, P + N, P + N), 1 / (P + N)), torch.zeros(2, N, dtype=torch.bool)
     fg[0, :5], fg[1, 3:14] = True, True
@@ -1532,40 +1423,9 @@ def test_stats_of_uniform_attention_are_the_uniform_reference():
     by_hand = sum(math.dist(divmod(a, grid), divmod(b, grid))
                   for a in range(N) for b in range(N)) / N ** 2   # mean distance, self included
     assert got == pytest.approx({"distance": by_hand, "proxy_share": P / (P + N), "query_js": 0,
-                                 "proxy_js": 0, "fg_consistency": 1, "bg_consistency": 1},
-                                abs=1e-6)
+                                 "proxy_js": 0, "fg_consistency": 1, "bg_consistency": 1}, abs=1e-6)
     assert visualize.uniform_reference(P, grid) == pytest.approx(got, abs=1e-6)
-
-def test_stats_attention_on_the_query_itself_has_distance_zero_and_disjoint_maps_js_one():
-    P, grid, N = 2, 4, 16
-    attn = torch.zeros(1, 1, P + N, P + N)
-    attn[0, 0, P:, P:] = torch.eye(N)                              # each patch on itself
-    attn[0, 0, 0, P + 3] = attn[0, 0, 1, P + 9] = 1                # proxies on different patches
-    got = stats_of(attn, P, grid)
-    assert got["distance"] == 0 and got["proxy_share"] == 0
-    assert got["query_js"] == pytest.approx(1) and got["proxy_js"] == pytest.approx(1)
-    maps = torch.eye(N)[[1 * grid + 2] * N][None]                 # all on patch (1, 2)
-    dist = visualize.attention_distance(maps, visualize.grid_distances(grid))  # from (0, 0): √5
-    assert dist[0, 0] == pytest.approx(math.sqrt(5))
-    # JS in bits: disjoint 1, equal 0, and a half overlap by hand: H(.75, .25) - (0 + 1) / 2
-    p, q, r = torch.tensor([[1., 0, 0], [0, 1, 0], [.5, .5, 0]])
-    assert visualize.js_divergence(p, q) == pytest.approx(1) and visualize.js_divergence(p, p) == 0
-    h = -(.75 * math.log2(.75) + .25 * math.log2(.25))
-    assert visualize.js_divergence(p, r) == pytest.approx(h - 0.5)
-    assert visualize.mean_pairwise_js(torch.stack([p, p, q])[None]) == pytest.approx(2 / 3)
-
-def test_stats_pairwise_js_in_blocks_equals_the_double_loop():
-    torch.manual_seed(0)
-    maps = torch.randn(3, 6, 10).softmax(-1)
-    loop = torch.tensor([sum(visualize.js_divergence(maps[b, i], maps[b, j])
-                             for i in range(6) for j in range(6) if i != j) / 30
-                         for b in range(3)])
-    for budget in (1, 1 << 22):                                    # one row per block, all rows
-        assert torch.allclose(visualize.mean_pairwise_js(maps, budget), loop, atol=1e-6)
-    assert visualize.mean_pairwise_js(maps[:, :1]).isnan().all()  # one row: no pair
-
-def test_stats_proxy_share_is_the_weight_on_the_proxies_before_renormalising():
-    P, grid, N = 2, 2, 4
+    P, grid, N = 2, 2, 4                       # the proxies' share: before renormalising
     attn = torch.zeros(1, 2, P + N, P + N)
     attn[0, :, :, 0] = 1                                           # both heads on proxy 0
     assert visualize.proxy_share(attn, P).eq(1).all()
@@ -1578,7 +1438,36 @@ def test_stats_proxy_share_is_the_weight_on_the_proxies_before_renormalising():
                                                 for q in range(N)) / N)
     assert got["query_js"] == 0                                    # every query on patch 3
 
-def test_stats_region_consistency_is_mass_on_own_region_over_its_share():
+def test_stats_attention_on_itself_has_distance_0_disjoint_maps_js_1_identical_0_pairs_too():
+    P, grid, N = 2, 4, 16
+    attn = torch.zeros(1, 1, P + N, P + N)
+    attn[0, 0, P:, P:] = torch.eye(N)                              # each patch on itself
+    attn[0, 0, 0, P + 3] = attn[0, 0, 1, P + 9] = 1                # proxies on different patches
+    got = stats_of(attn, P, grid)
+    assert got["distance"] == 0 and got["proxy_share"] == 0
+    assert got["query_js"] == pytest.approx(1) and got["proxy_js"] == pytest.approx(1)
+    attn = torch.randn(2, 2, 3 + 16, 3 + 16).softmax(-1)
+    attn[:, :, 1:3] = attn[:, :, :1]                               # every proxy as proxy 0
+    assert stats_of(attn, 3, 4)["proxy_js"] == pytest.approx(0, abs=1e-6)
+    assert stats_of(torch.randn(2, 2, 1 + 16, 1 + 16).softmax(-1), 1, 4)["proxy_js"] is None
+    maps = torch.eye(N)[[1 * grid + 2] * N][None]                 # all on patch (1, 2)
+    dist = visualize.attention_distance(maps, visualize.grid_distances(grid))  # from (0, 0): √5
+    assert dist[0, 0] == pytest.approx(math.sqrt(5))
+    # JS in bits: disjoint 1, equal 0, and a half overlap by hand: H(.75, .25) - (0 + 1) / 2
+    p, q, r = torch.tensor([[1., 0, 0], [0, 1, 0], [.5, .5, 0]])
+    assert visualize.js_divergence(p, q) == pytest.approx(1) and visualize.js_divergence(p, p) == 0
+    h = -(.75 * math.log2(.75) + .25 * math.log2(.25))
+    assert visualize.js_divergence(p, r) == pytest.approx(h - 0.5)
+    assert visualize.mean_pairwise_js(torch.stack([p, p, q])[None]) == pytest.approx(2 / 3)
+    maps = torch.randn(3, 6, 10).softmax(-1)                       # in blocks: the double loop
+    loop = torch.tensor([sum(visualize.js_divergence(maps[b, i], maps[b, j])
+                             for i in range(6) for j in range(6) if i != j) / 30
+                         for b in range(3)])
+    for budget in (1, 1 << 22):                                    # one row per block, all rows
+        assert torch.allclose(visualize.mean_pairwise_js(maps, budget), loop, atol=1e-6)
+    assert visualize.mean_pairwise_js(maps[:, :1]).isnan().all()  # one row: no pair
+
+def test_stats_region_consistency_is_mass_on_own_region_over_its_share_fg_the_raw_mean():
     grid, N = 4, 16
     fg = torch.zeros(3, N, dtype=torch.bool)
     fg[0, :4], fg[2] = True, True                     # image 1: no foreground; image 2: all of it
@@ -1595,16 +1484,7 @@ def test_stats_region_consistency_is_mass_on_own_region_over_its_share():
     assert torch.allclose(r, torch.tensor([[2.0, 1.0, 0.0, 4 / 3]]))
     # a region that covers the image scores 1 by construction and is left out
     assert visualize.region_consistency(maps, torch.ones(1, 4, dtype=torch.bool)).isnan().all()
-
-def test_stats_identical_proxies_have_diversity_zero_and_one_proxy_none():
-    torch.manual_seed(0)
-    attn = torch.randn(2, 2, 3 + 16, 3 + 16).softmax(-1)
-    attn[:, :, 1:3] = attn[:, :, :1]                               # every proxy as proxy 0
-    assert stats_of(attn, 3, 4)["proxy_js"] == pytest.approx(0, abs=1e-6)
-    assert stats_of(torch.randn(2, 2, 1 + 16, 1 + 16).softmax(-1), 1, 4)["proxy_js"] is None
-
-def test_stats_foreground_is_the_raw_mean_intensity_of_a_patch():
-    raw = torch.zeros(2, 3, 8, 8)                                  # 2x2 patches of 4 px
+    raw = torch.zeros(2, 3, 8, 8)              # foreground: a patch's raw mean (2x2 of 4 px)
     raw[0, :, 0:4, 4:8] = 0.3                                      # patch 1: mean 0.3
     raw[0, 0, 4:8, 0:4] = 0.25                                     # patch 2: one channel, 0.083
     fg = visualize.foreground_patches(raw, 4, 0.1)
@@ -1645,20 +1525,18 @@ def test_stats_cli_prints_a_table_and_writes_the_json_beside_the_checkpoint(runs
         assert 0 <= layer["proxy_js"] <= 1 and layer["fg_consistency"] > 0 < layer["bg_consistency"]
         assert [float(v) for v in row] == pytest.approx(
             [layer[k] for k in visualize.STATS], abs=0.006)         # the table prints the JSON
-
-def test_stats_are_the_definitions_written_plainly_and_batches_pool_to_one(runs):
-    model, c = train.load_model(str(runs / "sm" / "checkpoint.pt"))
+    model, c = train.load_model(str(ckpt))                  # the definitions, written plainly
     raw = next(visualize.load_images(c["args"], 32, first=1000)[1])    # the 32 test images
     with torch.no_grad():
         attn = model.features(visualize.normalise(raw, c), 2, return_attn=True)[1][-1].mean(1)
     maps = attn[:, 4:, 4:] / attn[:, 4:, 4:].sum(-1, keepdim=True)  # (B, N, N), P = 4
-    one = visualize.attention_stats([(model, c, "x")], [raw], 0.5)[0]  # one batch of 32
+    one = [{k: v for k, v in layer.items() if k != "layer"} for layer in entry["layers"]]
     assert one[1]["proxy_share"] == pytest.approx(float(attn[:, 4:, :4].sum(-1).mean()))
     assert one[1]["distance"] == pytest.approx(
         float((maps * visualize.grid_distances(8)).sum(-1).mean()), rel=1e-5)
-    batches = visualize.load_images(c["args"], 32, first=32, batch=7)[1]  # 5 batches
-    assert visualize.attention_stats([(model, c, "x")], batches, 0.5)[0] == [
-        pytest.approx(layer, rel=1e-5) for layer in one]
+    batches = visualize.load_images(c["args"], 32, first=32, batch=7)[1]  # 5 batches pool to it
+    pooled = visualize.attention_stats([(model, c, "x")], batches, report["foreground_threshold"])
+    assert pooled[0] == [pytest.approx(layer, rel=1e-5) for layer in one]
 
 def test_stats_compare_prints_a_table_per_model_and_draws_attn_stats_png(runs, tmp_path, capsys):
     """SemanticMIM, the baseline and a 3-block MaskFeat baseline (P 1, ratio 0.4) named apart."""
@@ -1722,8 +1600,7 @@ def test_no_tracked_file_refers_to_a_file_outside_the_repository():
                                  check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
-    names = set(tracked) | {os.path.basename(f) for f in tracked}
-    outside = []
+    names, outside = set(tracked) | {os.path.basename(f) for f in tracked}, []
     for f in tracked:
         try:
             text = open(os.path.join(HERE, f), encoding="utf-8").read()
@@ -1739,16 +1616,13 @@ def test_no_tracked_file_refers_to_a_file_outside_the_repository():
     assert outside == []
 
 def test_every_link_of_the_readme_and_docs_reaches_a_file_and_its_heading():
-    """The README sends a reader to docs/*.md by links: each target exists, each #anchor is a
-    heading there (GitHub's anchor: lower case, punctuation dropped, spaces to hyphens)."""
+    """Each #anchor is a heading there (GitHub: lower case, no punctuation, hyphens for spaces)."""
     pages = ["README.md"] + [f"docs/{f}" for f in os.listdir(os.path.join(HERE, "docs"))
                              if f.endswith(".md")]
     read, broken = lambda path: open(os.path.join(HERE, path), encoding="utf-8").read(), []
     for page in pages:
-        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([\w-]+))?\)", read(page)):
+        for target, anchor in re.findall(r"\]\((?!http)([^)#\s]*)(?:#([\w-]+))?\)", read(page)):
             path = os.path.normpath(os.path.join(os.path.dirname(page), target)) if target else page
-            if target.startswith("http"):
-                continue
             if not os.path.exists(os.path.join(HERE, path)):
                 broken.append(f"{page}: {target}")
             elif anchor and anchor not in [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(
