@@ -1590,7 +1590,8 @@ AUTHORS = set("""maskfeat/maskfeat.py maskfeat/maskfeat_backbone.py attn_vis.py
     configs/maskfeat/maskfeat_cls_linear_probing.py configs/maskfeat/maskfeat_cls_ft.py
     maskfeat_cls_ft.py maskfeat_bottleneck_pretrain.py maskfeat_baseline_pretrain.py
     maskfeat_cls_linear_probing.py _linear_probing.py mmpretrain/models/selfsup/maskfeat.py
-    beit/beit_model.py beit/beit_backbone.py seg_linear_probing.py run_probe.py""".split())
+    beit/beit_model.py beit/beit_backbone.py seg_linear_probing.py run_probe.py
+    voc_utils/segment_utils.py""".split())
 
 def test_no_tracked_file_refers_to_a_file_outside_the_repository():
     """No path climbs out of the repository; each .py/.md/.sh named is tracked or in AUTHORS."""
