@@ -62,8 +62,8 @@ def dense_split(args, split, S):
         return x, m, VOC
     images, labels, names = train.load_split(args.dataset, args.data, split, S,
                                              args.synthetic_size, seed=args.seed)
-    n = len(labels)
-    n, half = min(len(labels), DENSE_TRAIN if split == "train" else n), args.dense == "mosaic"
+    n = min(len(labels), DENSE_TRAIN) if split == "train" else len(labels)
+    half = args.dense == "mosaic"
     x = train.to_model_input(images[:n], S // (1 + half), (0,) * 3, (1,) * 3)  # (n, 3, s, s) 0..1
     m = (x.mean(1) > train.FOREGROUND_THRESHOLD[args.dataset]) * (labels[:n, None, None] + 1)
     if half:  # mosaic i: quarters idx[0..3][i], four images of four classes
@@ -105,8 +105,8 @@ def load_split(args, split, size, rank, world, device):
                              mean, std, args.workers, draw, args.min_crop)
 
     def maps(epoch):  # (n, S, S): the same crops, by nearest neighbour
-        crops = train.augment(labels[:, None], size, draws(epoch), args.min_crop, "nearest")
-        return (crops * 255).round()[:, 0]
+        cut = train.augment(labels[:, None], size, draws(epoch), args.min_crop, "nearest")
+        return (cut * 255).round()[:, 0]
     return labels, names, batches, maps
 
 

@@ -75,6 +75,16 @@ def attention(root):
     return out
 
 
+def dense_record(folder):
+    """{dense_<set>: {row: mean IoU (%) per block}} of a run's probe_dense-<set>_Lall.json."""
+    out = {}
+    for s in DENSE:
+        d = load(os.path.join(folder, f"probe_dense-{s}_Lall.json"))
+        out[f"dense_{s}"] = d and {row: [100 * r["miou"] for r in d["rows"] if r["row"] == row]
+                                   for row in ("checkpoint", "random weights", "raw pixels")}
+    return out
+
+
 def record(folder, seed, stats):
     """A run's figures (top-1 in %), or None where it has no probe yet."""
     probe = load(os.path.join(folder, "probe_patch-proxy_Lall.json"))
@@ -85,7 +95,6 @@ def record(folder, seed, stats):
     pixels = next((r for r in probe["rows"] if r["row"] == "raw pixels"), None)
     fine = [load(os.path.join(folder, f"finetune{r}_s{seed}.json")) for r in ("", "_random")]
     trend = load(os.path.join(folder, "trend.json"))
-    dense = {s: load(os.path.join(folder, f"probe_dense-{s}_Lall.json")) for s in DENSE}
     attn = stats.get(os.path.abspath(os.path.join(folder, "checkpoint.pt")))
     return {"source": folder, "depth": depth, "loss": loss, "minutes": minutes,
             **{f"{kind}_{pool}": [100 * rows["checkpoint", pool, i][f"{kind}_top1"]
@@ -95,9 +104,7 @@ def record(folder, seed, stats):
                                   "knn": 100 * pixels["knn_top1"]},
             **{key: f and [100 * t for t in f["top1_per_epoch"]]
                for key, f in zip(("finetune", "finetune_random"), fine)},
-            **{f"dense_{s}": d and {row: [100 * r["miou"] for r in d["rows"] if r["row"] == row]
-                                    for row in ("checkpoint", "random weights", "raw pixels")}
-               for s, d in dense.items()},
+            **dense_record(folder),
             "trend": trend and [[r["epoch"], 100 * r["knn_patch"], 100 * r["knn_proxy"]]
                                 for r in trend["epochs"]],
             "attention": attn and [{s: layer[s] for s in STATS} for layer in attn["layers"]],
@@ -241,8 +248,6 @@ def tables(runs):
     for P, u in sorted(uniform.items()):
         emit(f"| uniform attention, P {P} | any | " + " | ".join(
             "-" if u[st] is None else f"{u[st]:.3f}" for st in STATS) + " |")
-    if dense(runs):
-        emit("\n" + dense(runs))
     return "\n".join(out) + "\n"
 
 
