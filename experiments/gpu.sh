@@ -14,6 +14,7 @@
 #   split     a run stopped at step 6 and resumed against the same run uninterrupted
 #   compile   train.py --compile, a short run
 #   probe     probe.py of the folder run's checkpoint on the GPU (train/ and val/)
+#   dense     probe.py --dense single of that checkpoint on the GPU, synthetic garments, all blocks
 # Without a GPU it runs the same checks on the CPU with a tiny model (a dry run), and skips the
 # CUDA-only ones. Everything goes to ${OUT:-runs/gpu}/; the summary also to $OUT/summary.txt.
 set -uo pipefail
@@ -132,6 +133,12 @@ if python probe.py "$OUT/folder/checkpoint.pt" --device $DEV --epochs 5 --worker
     --out "$OUT/probe.json" > "$OUT/probe.txt" 2>&1; then
   verdict probe OK "$(grep -m1 '^checkpoint patch' "$OUT/probe.txt")"
 else verdict probe FAIL "$(tail -1 "$OUT/probe.txt")"; fi
+
+# dense: the dense probe's head, upsampling matrix and confusion counts on the device
+if python probe.py "$OUT/folder/checkpoint.pt" --device $DEV --dense single --dataset synthetic \
+    --layer all --epochs 3 --out "$OUT/dense.json" > "$OUT/dense.txt" 2>&1; then
+  verdict dense OK "$(grep -m1 '^checkpoint map' "$OUT/dense.txt")"
+else verdict dense FAIL "$(tail -1 "$OUT/dense.txt")"; fi
 
 printf '%s\n' "== summary ($(head -1 "$OUT/card.txt"))" "${verdicts[@]}" | tee "$OUT/summary.txt"
 ! grep -q '^FAIL' "$OUT/summary.txt"
