@@ -125,9 +125,11 @@ def pool_features(model, imgs, layers, pools):
     for layer in layers:
         proxy, patch = outs[layer - 1]                      # (B, P, D), (B, N, D)
         for pool in pools:
-            parts = {"patch": [patch], "proxy": [proxy], "both": [patch, proxy], "map": []}[pool]
-            feats[pool, layer] = patch.flatten(1) if pool == "map" else torch.cat(
-                [layer_norm(t.mean(1)) for t in parts], 1)  # (B, F)
+            if pool == "map":                               # --dense: the tokens themselves
+                feats[pool, layer] = patch.flatten(1)       # (B, N*D)
+                continue
+            parts = {"patch": [patch], "proxy": [proxy], "both": [patch, proxy]}[pool]
+            feats[pool, layer] = torch.cat([layer_norm(t.mean(1)) for t in parts], 1)  # (B, F)
     return feats
 
 
@@ -185,14 +187,14 @@ def fit_head(features_of_epoch, targets_of_epoch, test_f, test_y, num_classes, e
     g, dev, C, ignore = torch.Generator().manual_seed(seed), test_f.device, num_classes, -100
     head = head or torch.nn.Linear(dim or test_f.shape[1], C, device=dev)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    if dim:  # the authors' head and optimiser; bilinear upsampling (h, w) -> (S, S) as the
-        # matrix it is (h*w, S*S): a matmul's backward is twice as fast as interpolate's on a CPU
+    if dim:  # the authors' head; bilinear upsampling (h, w) -> (S, S) as the matrix it is
+        # (h*w, S*S): a matmul's backward is twice as fast as interpolate's on a CPU
         head.weight.data = (0.01 * torch.randn(head.weight.shape, generator=g)).to(dev)
-        opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, weight_decay=weight_decay)
         h, S, ignore = math.isqrt(test_f.shape[1] // dim), test_y.shape[-1], IGNORE
         up = F.interpolate(torch.eye(h * h, device=dev).view(-1, 1, h, h), size=(S, S),
                            mode="bilinear", align_corners=False).view(h * h, S * S)
+    opt = (torch.optim.SGD(head.parameters(), lr, momentum=0.9, weight_decay=weight_decay) if dim
+           else torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay))
     update = progress(what, epochs, "epochs") if what else lambda done: None
 
     def logits(f):  # (b, F) -> (b, C); per pixel (b, h*w*D) -> (b, C, S, S): the head on each
