@@ -1231,6 +1231,21 @@ def test_timm_export_loads_strictly_and_timm_computes_our_features_block_by_bloc
             for mine, theirs in zip(outs, blocks, strict=True):
                 torch.testing.assert_close(theirs, mine[1], **close)
 
+
+def test_the_authors_randaugment_runs_every_op_at_its_top_magnitude_on_the_installed_pillow():
+    """The command's --aa (and finetune.py's): magnitude 9 with noise std 0.5 reaches timm's cap
+    10, where PosterizeIncreasing keeps 0 bits. Pillow 13 raises a ValueError there, which stopped
+    a fine-tune in its first epoch; requirements.txt pins pillow<13, where 0 bits give black."""
+    from timm.data.auto_augment import rand_augment_transform
+    aa = probe.AUTHORS_RECIPE[probe.AUTHORS_RECIPE.index("--aa") + 1]
+    image = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
+    for op in rand_augment_transform(aa, {}).ops:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # the cap every op can reach
+        out = np.asarray(op(image))
+        assert out.shape == (32, 32, 3)
+        if op.name == "PosterizeIncreasing":
+            assert out.max() == 0
+
 ARG = "error: argument {}: {} (see probe.py --help)"
 PROBE_ERRORS = [  # argv with {ckpt}, {tmp}, {noproxy} filled in; the one line or its start
     (["{ckpt}", "--layer", "3"], "error: --layer 3 does not exist: this checkpoint has main "
