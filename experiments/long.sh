@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The three Fashion-MNIST models of docs/results.md (see fmnist.sh) at a longer schedule, with a
 # per-epoch trend: each run is trained one epoch per train.py call (--stop-at, then --resume) and
-# keeps a copy ep<E>.pt of every epoch's last checkpoint. Then each run is fine-tuned (experiments/
-# finetune.py; SemanticMIM's run also fine-tunes the same ViT from random init; FT_EPOCHS=0: not),
+# keeps a copy ep<E>.pt of every epoch's last checkpoint. Then each run is fine-tuned with the
+# authors' recipe and with ours (experiments/finetune.py; SemanticMIM's run also fine-tunes the
+# same ViT from random init; FT_EPOCHS=0: not),
 # experiments/trend.py probes the copies (kNN), and probe.py (every block: linear and kNN, and
 # --dense on both garment sets) and visualize.py --stats take the final checkpoint. Last,
 # summarize.py keeps every run's figures in experiments/results/ (in git: run folders die with
@@ -35,11 +36,14 @@ lane() {  # lane NAME SEED: the epochs and their copies, fine-tuning, the trend,
     fi >> "$out.txt" 2>&1
     cp "$out/checkpoint.pt" "$out/ep$e.tmp" && mv "$out/ep$e.tmp" "$out/ep$e.pt"
   done
-  for init in $( [ "$FT_EPOCHS" = 0 ] || echo pretrained random); do  # the authors' recipe;
-    [ "$init" = pretrained ] || [ "$1" = semantic ] || continue  # semantic: the random-init ViT
-    local ft=$out/finetune$([ "$init" = random ] && echo _random)_s$2
-    [ -f "$ft.json" ] || python experiments/finetune.py "$out/checkpoint.pt" --epochs "$FT_EPOCHS" \
-      --seed "$2" $([ "$init" = random ] && echo --random) > "$ft.txt" 2>&1
+  for ft in $( [ "$FT_EPOCHS" = 0 ] || echo pretrained:authors pretrained:ours random:authors \
+              random:ours); do   # both recipes; SemanticMIM's run also: the random-init ViT
+    [ "${ft%:*}" = pretrained ] || [ "$1" = semantic ] || continue
+    local name=$out/finetune$([ "${ft%:*}" = random ] && echo _random)$(
+      [ "${ft#*:}" = ours ] && echo _ours)_s$2
+    [ -f "$name.json" ] || python experiments/finetune.py "$out/checkpoint.pt" --epochs \
+      "$FT_EPOCHS" --seed "$2" --recipe "${ft#*:}" $([ "${ft%:*}" = random ] && echo --random) \
+      > "$name.txt" 2>&1
   done
   python experiments/trend.py "$out" >> "$out.txt" 2>&1
   [ -f "$out/probe_patch-proxy_Lall.json" ] || python probe.py "$out/checkpoint.pt" \
