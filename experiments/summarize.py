@@ -8,9 +8,9 @@ and the pages that show them:
 Each run becomes a record of its figures: from its log.jsonl the final loss and training time,
 from probe_patch-proxy_Lall.json linear and kNN top-1 of the patch and proxy means at every block
 (and the raw pixels), from probe_dense-<set>_Lall.json the dense probe's mean IoU at every block
-(beside the random weights and raw pixels), the fine-tunes (finetune[_random]_s<seed>.json), the
-per-epoch kNN (trend.json) and that checkpoint's attention statistics from any
-ROOT/*/attn_stats.json.
+(beside the random weights and raw pixels), the fine-tunes of both recipes
+(finetune[_random][_ours]_s<seed>.json), the per-epoch kNN (trend.json) and that checkpoint's
+attention statistics from any ROOT/*/attn_stats.json.
 A run's folder dies with the machine that ran it (checkpoints stay out of git); its record need
 not: --save merges the records into experiments/results/<prefix>.json, which is kept in git, and a
 run missing under ROOT is read from there. Prints the mean of the seeds and each seed; a run in
@@ -37,6 +37,8 @@ MODELS = {"semantic": "SemanticMIM (P 8, mask 0.8)",
           "maskfeat": "authors' MaskFeat settings (`--baseline`, P 1, mask 0.4)"}
 SEEDS = (0, 1)
 DENSE = ("single", "mosaic")                    # probe.py --dense sets
+FINETUNES = ("finetune_authors", "finetune_ours",  # experiments/finetune.py --recipe, and --random
+             "finetune_random_authors", "finetune_random_ours")
 STATS = ("proxy_share", "distance", "query_js", "fg_consistency", "bg_consistency", "proxy_js")
 RESULTS = os.path.join(REPO, "experiments", "results")
 PAGES = [os.path.join(REPO, "README.md"), os.path.join(REPO, "docs", "results.md")]
@@ -93,7 +95,8 @@ def record(folder, seed, stats):
     depth, (loss, minutes) = probe["config"]["depth"], training(folder)
     rows = {(r["row"], r["pool"], r["layer"]): r for r in probe["rows"]}
     pixels = next((r for r in probe["rows"] if r["row"] == "raw pixels"), None)
-    fine = [load(os.path.join(folder, f"finetune{r}_s{seed}.json")) for r in ("", "_random")]
+    fine = {k: load(os.path.join(folder, f"finetune{k[8:].replace('_authors', '')}_s{seed}.json"))
+            for k in FINETUNES}                             # finetune[_random][_ours]_s<seed>
     trend = load(os.path.join(folder, "trend.json"))
     attn = stats.get(os.path.abspath(os.path.join(folder, "checkpoint.pt")))
     return {"source": folder, "depth": depth, "loss": loss, "minutes": minutes,
@@ -102,8 +105,9 @@ def record(folder, seed, stats):
                for kind in ("linear", "knn") for pool in ("patch", "proxy")},
             "pixels": pixels and {"dims": pixels["dims"], "linear": 100 * pixels["linear_top1"],
                                   "knn": 100 * pixels["knn_top1"]},
-            **{key: f and [100 * t for t in f["top1_per_epoch"]]
-               for key, f in zip(("finetune", "finetune_random"), fine)},
+            **{k: f and {"top1": [100 * t for t in f["top1_per_epoch"]], "minutes": f["minutes"],
+                         "probe": f["probe_top1"] and 100 * f["probe_top1"]}
+               for k, f in fine.items()},
             **dense_record(folder),
             "trend": trend and [[r["epoch"], 100 * r["knn_patch"], 100 * r["knn_proxy"]]
                                 for r in trend["epochs"]],
@@ -147,11 +151,16 @@ def get(runs, m, key, i=None):
             for r in recs]
 
 
+def last(runs, m, key):
+    """The seeds' top-1 after the last epoch of one fine-tune."""
+    return [f and f["top1"][-1] for f in get(runs, m, key)]
+
+
 def summary(runs):
-    """The README's one table: the last block's four readouts, fine-tuning, the raw pixels."""
-    fine = any(r and r.get("finetune") for r in runs.values())
+    """The README's one table: the last block's four readouts, both fine-tunes, the raw pixels."""
+    fine = 2 * any(r and r.get("finetune_ours") for r in runs.values())
     head = ["model", "linear, patch mean", "kNN, patch mean", "linear, proxy mean",
-            "kNN, proxy mean"] + ["fine-tuned"] * fine
+            "kNN, proxy mean"] + ["fine-tuned, authors' recipe", "fine-tuned, ours"][:fine]
     out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
 
     def row(name, cells):
@@ -159,10 +168,10 @@ def summary(runs):
     for m, name in MODELS.items():
         row(name, [cell(get(runs, m, f"{kind}_{pool}", -1)) for pool in ("patch", "proxy")
                    for kind in ("linear", "knn")]
-            + [cell([c and c[-1] for c in get(runs, m, "finetune")])] * fine)
+            + [cell(last(runs, m, f"finetune_{r}")) for r in ("authors", "ours")][:fine])
     if fine:
         row("the same ViT, timm's random init", [""] * 4 + [
-            cell([c and c[-1] for c in get(runs, "semantic", "finetune_random")])])
+            cell(last(runs, "semantic", f"finetune_random_{r}")) for r in ("authors", "ours")])
     pixels = next((p for p in get(runs, "semantic", "pixels") if p), None)
     if pixels:
         row(f"raw pixels ({pixels['dims']} dims)",
@@ -216,15 +225,24 @@ def tables(runs):
             emit(f"| {name} | " + " | ".join(cell(get(runs, m, f"{kind}_patch", i))
                                              for i in range(depth)) + " |")
 
-    if any(r and r.get("finetune") for r in runs.values()):
-        emit("\nfine-tuned top-1 (experiments/finetune.py), mean (seed 0, seed 1)\n\n| model | "
-             "after epoch 1 | test top-1 | epochs |\n|---|---|---|---|")
-        for m, key, name in [(m, "finetune", n) for m, n in MODELS.items()] + [
-                ("semantic", "finetune_random", "the same ViT, timm's random init")]:
-            curves = get(runs, m, key)
-            emit(f"| {name} | {cell([c and c[0] for c in curves])} | "
-                 f"{cell([c and c[-1] for c in curves])} | "
-                 f"{next((len(c) for c in curves if c), '-')} |")
+    if any(r and r.get("finetune_ours") for r in runs.values()):
+        epochs = len(next(r["finetune_ours"]["top1"] for r in runs.values()
+                          if r and r.get("finetune_ours")))
+        emit("\nfine-tuned top-1 per epoch (experiments/finetune.py), mean (seed 0, seed 1); ours "
+             "starts from the linear probe (LP; from random init, a new head)\n\n| model | "
+             + " | ".join(
+                 [f"authors' recipe, epoch {e}" for e in range(1, epochs + 1)] + ["ours: LP"]
+                 + [f"ours, epoch {e}" for e in range(1, epochs + 1)]) + " | minutes, authors' "
+             "recipe; ours |\n|---|" + "---|" * (2 * epochs + 2))
+        for m, init, name in [(m, "", n) for m, n in MODELS.items()] + [
+                ("semantic", "random_", "the same ViT, timm's random init")]:
+            a, o = (get(runs, m, f"finetune_{init}{r}") for r in ("authors", "ours"))
+            emit(f"| {name} | " + " | ".join(
+                [cell([f and f["top1"][e] for f in a]) for e in range(epochs)]
+                + [cell([f and f["probe"] for f in o])]
+                + [cell([f and f["top1"][e] for f in o]) for e in range(epochs)]) + " | "
+                + "; ".join(cell([f and f["minutes"] for f in x], "{:.1f}").split(" (")[0]
+                            for x in (a, o)) + " |")
 
     if any(r and r.get("trend") for r in runs.values()):
         epochs = len(next(r["trend"] for r in runs.values() if r and r.get("trend")))
