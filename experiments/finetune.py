@@ -153,9 +153,11 @@ def main():
     step, curve, probe_top1 = 0, [], None
     if ours:
         test = lambda: batches(xte, yte, 0, torch.arange(len(yte)), 512, S, mean, std)  # noqa
-    if ours and not args.random:  # LP: the head as probe.py's linear probe of the frozen feature
-        order = torch.arange(n)   # (fc_norm of the mean). From random init the head starts new:
-        with torch.no_grad():     # a probe of random features started it 4 points lower on --val
+    if ours and not args.random:
+        # LP: the head as probe.py's linear probe of the frozen feature (fc_norm of the mean). From
+        # random init the head starts new: a probe of random features ended 4 points lower on --val
+        order = torch.arange(n)
+        with torch.no_grad():
             model.eval()
             feats = [torch.cat([model.forward_head(model.forward_features(x), pre_logits=True)
                                 for x, _ in b]) for b in (batches(xtr, ytr, 0, order, 512, S,
